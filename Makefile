@@ -1,0 +1,62 @@
+# The README's commands. `make demo` and `make test` set everything up on a fresh machine (Python 3.11 + pip).
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install the project (strict editable mode maps platform/ -> hscr_platform) whenever a module appears.
+SOURCES := $(shell find hscr platform jobs -name '*.py' -o -name '*.yaml' 2>/dev/null | sort)
+export OMP_WAIT_POLICY ?= PASSIVE
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: setup install demo test test-unit test-integration lint format bench clean
+
+setup: $(VENV)/.project
+
+# 1. the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build), then the pinned stack.
+$(VENV)/.deps: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	@touch $@
+
+# 2. the project itself (fast, no dependency resolution); redone when a source file is added or removed.
+$(VENV)/.project: $(VENV)/.deps $(SOURCES)
+	@flock $(VENV)/.lock $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation \
+		-e . --config-settings editable_mode=strict
+	@touch $@
+
+install: $(VENV)/.deps
+	@flock $(VENV)/.lock $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation \
+		-e . --config-settings editable_mode=strict
+	@touch $(VENV)/.project
+
+demo: setup
+	$(BIN)/python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy hscr platform jobs
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python -m jobs.benchmark all --output runs/bench
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""Loading any Hugging Face image-text model, and turning (image, question, answer) rows into model inputs.
+
+One path for every model: the toy Med-VLM the project builds, LLaVA-Med v1.5 in HF format, Qwen2-VL. Only
+local folders with safetensors weights are accepted; nothing is downloaded; remote code is off unless asked.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100  # label value that the cross-entropy skips (prompt, image and padding positions)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    path: str  # a local Hugging Face folder (config.json + *.safetensors + processor files)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+def check_vlm_folder(path: str | Path) -> Path:
+    """Fail early, naming the problem, unless ``path`` is a local image-text model folder with safetensors."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    config = json.loads(config_file.read_text())
+    if "vision_config" not in config:
+        raise ValueError(f"{folder} is not a vision-language model (config.json has no vision_config)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} has no *.safetensors weights (only safetensors are loaded)")
+    return folder
+
+
+def load_vlm(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(model, processor) through the Auto classes, in eval mode, on CPU (callers move it)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = check_vlm_folder(cfg.path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        dtype=getattr(torch, cfg.dtype),
+        use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    return model, processor
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decoded RGB image from encoded bytes (validation happened at ingest)."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _user_turn(question: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
+def prompt_text(processor: Any, question: str) -> str:
+    """The chat-formatted prompt that ends where the assistant's answer begins."""
+    return str(processor.apply_chat_template([_user_turn(question)], add_generation_prompt=True))
+
+
+def conversation_text(processor: Any, question: str, answer: str) -> str:
+    """Prompt + answer + end-of-turn, as the model's chat template writes a finished exchange."""
+    turns = [_user_turn(question), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return str(processor.apply_chat_template(turns, add_generation_prompt=False))
+
+
+def encode_for_training(
+    processor: Any, images: Sequence[Image.Image], questions: Sequence[str], answers: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Right-padded inputs with ``labels`` = token ids on the answer (and end-of-turn) only.
+
+    The prompt length is measured by encoding the prompt alone; chat templates put the answer after the
+    prompt, so the prompt's ids are a prefix of the conversation's ids (checked, not assumed).
+    """
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    full = [conversation_text(processor, q, a) for q, a in zip(questions, answers, strict=True)]
+    batch = processor(images=list(images), text=full, return_tensors="pt", padding=True)
+    prompts = processor(images=list(images), text=[prompt_text(processor, q) for q in questions])
+    labels = batch["input_ids"].clone()  # (B, T)
+    for i, prompt_ids in enumerate(prompts["input_ids"]):
+        n = len(prompt_ids)
+        if batch["input_ids"][i, :n].tolist() != list(prompt_ids):
+            raise ValueError(f"chat template: the prompt of row {i} is not a prefix of its conversation")
+        labels[i, :n] = IGNORE_INDEX
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    batch["labels"] = labels
+    return dict(batch)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Greedy answers for a batch (left-padded so that every row continues from its own last token)."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    prompts = [prompt_text(processor, q) for q in questions]
+    batch = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+    )  # (B, T + new)
+    new_tokens = out[:, batch["input_ids"].shape[1] :]
+    tok.padding_side = "right"
+    return [text.strip() for text in tok.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,0 +1,64 @@
+"""The tiny pipeline end to end on a private local Ray: SynthMed -> SFT on Ray Train (2 workers) -> report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hscr_platform.models import ModelConfig, load_vlm
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def run_pipeline(root: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline/tiny.yaml", f"root={root}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    proc = run_pipeline(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc
+
+
+def test_stages_write_their_outputs(first_run):
+    root, proc = first_run
+    (synth,) = (root / "synthmed").iterdir()
+    assert (synth / "_SUCCESS").is_file() and (synth / "preview.png").is_file()
+    (sft,) = (root / "sft").iterdir()
+    for name in ("model/config.json", "metrics.jsonl", "curves.png", "eval.json", "config.yaml", "_SUCCESS"):
+        assert (sft / name).exists(), name
+    history = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert {h["phase"] for h in history} == {"vision", "qa"}
+    report = json.loads((sft / "eval.json").read_text())
+    assert report["metrics"]["n"] == 16 and 0.0 <= report["metrics"]["closed_accuracy"] <= 1.0
+    assert "| closed accuracy |" in proc.stdout and "Sample answers" in proc.stdout
+
+
+def test_trained_model_loads_through_the_generic_loader(first_run):
+    root, _ = first_run
+    (sft,) = (root / "sft").iterdir()
+    model, processor = load_vlm(ModelConfig(path=str(sft / "model")))
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.chat_template
+
+
+def test_second_run_reuses_every_stage(first_run):
+    root, _ = first_run
+    proc = run_pipeline(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "synthmed: cached" in proc.stdout and "[sft] cached" in proc.stdout
+
+
+def test_bad_stage_override_fails_before_any_work(tmp_path):
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline/tiny.yaml",
+           f"root={tmp_path}", "overrides={sft: [train.stepz=3]}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.stepz" in proc.stderr
+    assert not (tmp_path / "sft").exists()

@@ -1,0 +1,53 @@
+"""Med-VQA metrics (hscr/metrics.py), with the traps of substring matching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hscr.metrics import closed_hit, first_yes_no, normalize_answer, open_recall, yes_rate
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("The  Nodule, on the LEFT!") == "nodule on left"
+    assert normalize_answer("Two nodules.") == "2 nodules"
+    assert normalize_answer("right-sided\teffusion") == "right sided effusion"
+    assert normalize_answer("  ?! ") == ""
+
+
+def test_closed_hit_no_does_not_hit_inside_nodule() -> None:
+    # Substring matching ("no" in "there is a nodule") would count this; whole words do not.
+    assert not closed_hit("There is a nodule.", "no")
+    assert closed_hit("No, there is no nodule.", "no")
+    assert not closed_hit("Nope", "no")
+
+
+def test_closed_hit_yes_with_punctuation_and_phrases() -> None:
+    assert closed_hit("Yes, there is.", "yes")
+    assert closed_hit("YES", "Yes")
+    assert not closed_hit("yesterday it was seen", "yes")
+    assert closed_hit("The lesion is in the left lung", "left lung")
+    assert not closed_hit("The lesion is in the lung, left side", "left lung")
+    assert not closed_hit("anything", "")
+
+
+def test_open_recall() -> None:
+    # Answer words {left, lower, lobe}; the prediction has left and lobe → 2/3.
+    assert open_recall("The mass is in the left upper lobe", "left lower lobe") == pytest.approx(2 / 3)
+    # "Two" normalises to "2": answer {2, nodules}, prediction {2} → 1/2.
+    assert open_recall("two", "2 nodules") == 0.5
+    # Clipped counts: answer [left, left], prediction [left] → 1/2, and repeating in the prediction never
+    # exceeds what the answer holds: answer [left], prediction [left, left, left] → 1.
+    assert open_recall("left", "left left") == 0.5
+    assert open_recall("left left left", "left") == 1.0
+    assert open_recall("CT", "CT.") == 1.0
+    assert open_recall("anything", "the") == 0.0  # the answer has no words after dropping articles
+
+
+def test_yes_rate_first_yes_no_word_decides() -> None:
+    predictions = ["Yes, there is.", "No.", "yes", "There is no nodule, yes", "A nodule is present"]
+    # first yes/no word: yes, no, yes, no, none → 2 of 5
+    assert [first_yes_no(p) for p in predictions] == ["yes", "no", "yes", "no", None]
+    assert yes_rate(predictions) == pytest.approx(0.4)
+    assert math.isnan(yes_rate([]))
