@@ -125,7 +125,13 @@ def _fit(cfg: SftJobConfig, init_dir: Path, out: Path) -> Path:
     labels = label_space_of(cfg.data.train) if cfg.vision_pretrain.steps else None
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg, "init_dir": str(init_dir), "labels": labels},
+        # workers run in their own working directory: hand them absolute paths
+        train_loop_config={
+            "cfg": cfg,
+            "init_dir": str(init_dir.resolve()),
+            "train_dir": str(Path(cfg.data.train).resolve()),
+            "labels": labels,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers.num_workers,
             use_gpu=cfg.workers.use_gpu,

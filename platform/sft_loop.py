@@ -200,7 +200,7 @@ def worker_loop(payload: dict) -> None:
     ctx = {"rank": rank, "world": world, "seed": cfg.train.seed * 1000 + rank, "t0": time.time(), "device": device}
     model, processor = load_vlm(ModelConfig(path=init_dir))
     model.to(device)
-    rows = load_worker_rows(cfg.data.train, rank=rank, world=world, max_rows=cfg.data.max_rows)
+    rows = load_worker_rows(payload["train_dir"], rank=rank, world=world, max_rows=cfg.data.max_rows)
     history = []
     if cfg.vision_pretrain.steps:
         history += pretrain_vision(model, processor, rows, labels, cfg.vision_pretrain, ctx)

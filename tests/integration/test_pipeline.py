@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,14 @@ def run_pipeline(root: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    proc = run_pipeline(root)
+def first_run():
+    # a root relative to the working directory, as in the demo: Ray workers run elsewhere and must get
+    # absolute paths from the driver
+    relative = Path("runs") / f"test-pipeline-{uuid.uuid4().hex[:8]}"
+    proc = run_pipeline(relative)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, proc
+    yield REPO / relative, proc
+    shutil.rmtree(REPO / relative, ignore_errors=True)
 
 
 def test_stages_write_their_outputs(first_run):
@@ -51,7 +56,7 @@ def test_trained_model_loads_through_the_generic_loader(first_run):
 
 def test_second_run_reuses_every_stage(first_run):
     root, _ = first_run
-    proc = run_pipeline(root)
+    proc = run_pipeline(root.relative_to(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "synthmed: cached" in proc.stdout and "[sft] cached" in proc.stdout
 

@@ -1,0 +1,133 @@
+"""`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m jobs.<name>`, for real.
+
+A private Ray head (hscr_platform.ray_local: free ports, its own temp dir, token auth off) stands in for the
+cluster; the tiny pipeline is submitted exactly as the cluster README submits the base one, and only that head
+is stopped afterwards (never `ray stop`, which would stop every Ray cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hscr_platform.ray_local import HeadInfo, client_env, head_processes, start_local_head, stop_head
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 420
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[HeadInfo]:
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths live under it
+    info = None
+    try:
+        info = start_local_head(temp, num_cpus=2)
+        yield info
+    finally:
+        stop_head(info if info is not None else temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(head: HeadInfo, *entrypoint: str) -> str:
+    """`ray job submit --no-wait` from the repository root, as a user would; returns the submission id."""
+    job_id = f"hscr-test-{uuid.uuid4().hex[:8]}"
+    cmd = [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+           "--runtime-env", "cluster/runtime_env.yaml", "--submission-id", job_id, "--no-wait",
+           "--", *entrypoint]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=client_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"ray job submit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return job_id
+
+
+def _get(head: HeadInfo, path: str) -> Any:
+    with urllib.request.urlopen(f"{head.dashboard_url}{path}", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def logs(head: HeadInfo, job_id: str) -> str:
+    return _get(head, f"/api/jobs/{job_id}/logs")["logs"]
+
+
+def wait(head: HeadInfo, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str]:
+    """Poll the Jobs REST API until the job ends; return (status, logs)."""
+    deadline = time.monotonic() + timeout_s
+    status = "PENDING"
+    while time.monotonic() < deadline:
+        status = _get(head, f"/api/jobs/{job_id}")["status"]
+        if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
+            break
+        time.sleep(3)
+    return status, logs(head, job_id)
+
+
+def test_submitted_job_runs_the_uploaded_checkout_with_the_installed_package(head):
+    probe = (
+        "import json, os, platform, hscr, hscr_platform.cli, jobs; print('PROBE', json.dumps({"
+        "'cwd': os.getcwd(), 'entries': sorted(os.listdir('.')), 'platform': platform.__file__,"
+        "'hscr_platform': hscr_platform.cli.__file__, 'jobs': jobs.__file__, 'hscr': hscr.__file__,"
+        "'offline': os.environ.get('HF_HUB_OFFLINE'), 'omp': os.environ.get('OMP_WAIT_POLICY')}))"
+    )
+    job_id = submit(head, "python", "-c", probe)
+    status, out = wait(head, job_id, timeout_s=180)
+    assert status == "SUCCEEDED", out[-4000:]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("PROBE ")]
+    seen = json.loads(line.removeprefix("PROBE "))
+    cwd = seen["cwd"]
+    assert cwd.startswith(head.temp_dir) and "working_dir_files" in cwd, "cwd = the uploaded working dir"
+    assert {"jobs", "hscr", "cluster", "pyproject.toml"} <= set(seen["entries"])
+    leaked = {".venv", "runs", "build", ".git", ".cache"} & set(seen["entries"])
+    assert not leaked, f"the upload must exclude {sorted(leaked)}"
+    assert seen["jobs"].startswith(cwd) and seen["hscr"].startswith(cwd), "jobs/ and hscr/ from the upload"
+    assert not seen["hscr_platform"].startswith(cwd), "hscr_platform from the installed package"
+    assert not seen["platform"].startswith(cwd), "the stdlib platform module, not the repo's platform/"
+    assert seen["offline"] == "1" and seen["omp"] == "PASSIVE", "env_vars of cluster/runtime_env.yaml"
+
+
+def test_tiny_pipeline_submitted_as_a_ray_job_succeeds(head, tmp_path):
+    root = tmp_path / "runs"  # absolute: the job's cwd is the uploaded copy of the repository
+    t0 = time.monotonic()
+    job_id = submit(
+        head, "python", "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline/tiny.yaml", f"root={root}"
+    )
+    status, out = wait(head, job_id)
+    print(f"job {job_id}: {status} in {time.monotonic() - t0:.0f}s")
+    assert status == "SUCCEEDED", f"job {job_id} ended {status}; last logs:\n{out[-6000:]}"
+    (synth,) = (root / "synthmed").iterdir()
+    assert (synth / "_SUCCESS").is_file()
+    (sft,) = (root / "sft").iterdir()
+    assert (sft / "model" / "config.json").is_file() and (sft / "_SUCCESS").is_file()
+    report = json.loads((sft / "eval.json").read_text())
+    assert 0.0 <= report["metrics"]["closed_accuracy"] <= 1.0
+    assert "| closed accuracy |" in out and "[pipeline] done" in out
+
+
+def test_stop_head_stops_only_that_head(head):
+    # a stand-in for another head whose temp dir shares a prefix with this one's
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", f"--temp-dir={head.temp_dir}x"]
+    )
+    try:
+        names = {p.name() for p in head_processes(head.temp_dir)}
+        assert {"gcs_server", "raylet"} <= names, names
+        assert stop_head(head) > 0
+        assert not head_processes(head.temp_dir), "every process of the head is gone"
+        assert decoy.poll() is None, "a process of another temp dir is left alone"
+    finally:
+        decoy.kill()
+        decoy.wait()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=5)
+    assert (Path(head.temp_dir) / "ray_current_cluster").is_file(), "the address file stays in the temp dir"
