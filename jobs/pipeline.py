@@ -1,6 +1,6 @@
 """The main job: SynthMed -> base model -> ... -> report, each stage cached by config hash (`make demo`).
 
-    python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml
+python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml
 """
 
 from hscr_platform.cli import job_main

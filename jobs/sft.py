@@ -1,6 +1,6 @@
 """Train the base Med-VLM (the toy one on SynthMed by default) on Ray Train.
 
-    python -m jobs.sft --config jobs/configs/sft/tiny.yaml data.train=<samples>/train data.eval=<samples>/test
+python -m jobs.sft --config jobs/configs/sft/tiny.yaml data.train=<samples>/train data.eval=<samples>/test
 """
 
 from hscr_platform.cli import job_main

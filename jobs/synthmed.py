@@ -1,6 +1,6 @@
 """Generate the SynthMed dataset: scans with exact ground truth, templated questions, a language prior.
 
-    python -m jobs.synthmed --config jobs/configs/synthmed/tiny.yaml output.path=/tmp/x
+python -m jobs.synthmed --config jobs/configs/synthmed/tiny.yaml output.path=/tmp/x
 """
 
 from __future__ import annotations

@@ -157,9 +157,7 @@ def _build_dataclass(cls: type, value: Any, *, key: str, where: str) -> Any:
     missing = [
         f
         for f, fd in fields.items()
-        if f not in kwargs
-        and fd.default is dataclasses.MISSING
-        and fd.default_factory is dataclasses.MISSING
+        if f not in kwargs and fd.default is dataclasses.MISSING and fd.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {[f'{key}.{m}'.lstrip('.') for m in missing]}")
@@ -191,7 +189,9 @@ def _build_sequence(tp: Any, value: Any, *, key: str, where: str) -> tuple[Any, 
     if get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
         if len(args) != len(value):
             raise ConfigError(f"{where}: '{key}' must have {len(args)} items, got {len(value)}")
-        return tuple(_build(a, v, key=f"{key}[{i}]", where=where) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _build(a, v, key=f"{key}[{i}]", where=where) for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     item_tp = args[0] if args else Any
     return tuple(_build(item_tp, v, key=f"{key}[{i}]", where=where) for i, v in enumerate(value))
 

@@ -158,9 +158,7 @@ def _check_output(out: Path, source: Path, *, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output.path {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output folder {out} is not empty; set output.overwrite=true to replace its outputs"
-        )
+        raise ValueError(f"output folder {out} is not empty; set output.overwrite=true to replace its outputs")
     out_abs, source_abs = out.resolve(), source.resolve()
     if out_abs == source_abs or source_abs in out_abs.parents:
         raise ValueError(f"output folder {out} is inside the source {source}; write it elsewhere")

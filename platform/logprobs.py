@@ -147,4 +147,3 @@ def model_fingerprint(folder: str | Path) -> str:
 def drop_features(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero the dropped visual tokens: (B, N, D) with keep (B, N) bool (positions and counts unchanged)."""
     return features * keep.unsqueeze(-1).to(features.dtype)
-

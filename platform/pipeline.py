@@ -1,10 +1,13 @@
 """The end-to-end job (``python -m jobs.pipeline``): each stage is an ordinary job run from its own profile.
 
-    SynthMed (or ingested data) -> base model (SFT) -> sample answers / evaluation report
+    SynthMed -> base model (SFT) -> HSCR preferences -> multi-level DPO (HSCR)
+                                                      -> plain single-pair DPO on the same data (baseline)
+             -> evaluation of base / HSCR / DPO on the balanced test split -> report
 
 Each stage's config is its job's profile YAML plus the pipeline's per-stage overrides, with the paths that
-connect stages filled in by the pipeline. A stage whose output folder is complete for the same config hash is
-skipped, so a re-run only does what changed.
+connect stages filled in by the pipeline. Every stage config is resolved (and so validated) before any stage
+runs; a stage whose outputs are complete for the same config is skipped, so a re-run only does what changed.
+All stages log to one MLflow store (``tracking_uri``, default ``sqlite:///<root>/mlflow.db``).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hscr_platform.cache import is_complete, mark_complete, read_summary
+from hscr_platform.cache import is_complete, mark_complete, stage_dir
 from hscr_platform.config import config_hash, load_config
 from hscr_platform.runtime import RayConfig
+
+STAGES = ("synthmed", "sft", "generate", "train", "dpo", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,22 +32,40 @@ class ProfilesConfig:
 
     synthmed: str = "jobs/configs/synthmed/demo.yaml"
     sft: str = "jobs/configs/sft/demo.yaml"
+    generate: str = "jobs/configs/generate/demo.yaml"
+    train: str = "jobs/configs/train/demo.yaml"  # used by both the HSCR run and the DPO baseline
+    evaluate: str = "jobs/configs/evaluate/demo.yaml"
 
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """End to end: SynthMed -> base Med-VLM -> report, every stage cached by config hash."""
+    """End to end: SynthMed -> base Med-VLM -> HSCR data -> multi-level DPO (+ DPO baseline) -> evaluation."""
 
-    root: str = "runs/demo"  # every stage writes under <root>/<stage>/<config hash>/
+    root: str = "runs/demo"  # every stage writes under <root>/<stage>/...
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> ["key=value", ...]
-    examples: int = 12  # sample answers printed at the end
+    dpo_baseline: bool = True  # also train plain single-pair DPO (y_w vs the closest negative)
+    tracking_uri: str | None = None  # null: sqlite:///<root>/mlflow.db (absolute)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
-        unknown = set(self.overrides) - {"synthmed", "sft"}
+        unknown = set(self.overrides) - set(STAGES)
         if unknown:
-            raise ValueError(f"overrides for unknown stage(s) {sorted(unknown)}; stages: ['synthmed', 'sft']")
+            raise ValueError(f"overrides for unknown stage(s) {sorted(unknown)}; stages: {list(STAGES)}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's resolved job config (built, and so validated, before any stage runs)."""
+
+    synthmed: Any
+    synthmed_dir: Path
+    sft: Any
+    base_model: Path
+    generate: Any
+    train: Any
+    dpo: Any | None
+    evaluate: Any
 
 
 def _stage_config(cls: type, profile: str, extra: Sequence[str], cfg: PipelineConfig, stage: str) -> Any:
@@ -51,28 +74,70 @@ def _stage_config(cls: type, profile: str, extra: Sequence[str], cfg: PipelineCo
     return load_config(cls, profile, [*cfg.overrides.get(stage, ()), *extra])
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Every stage's resolved job config, built (and so validated) before any stage runs."""
-
-    synthmed: Any
-    synthmed_dir: Path
-    sft: Any
+def _uri(cfg: PipelineConfig) -> str:
+    return cfg.tracking_uri or f"sqlite:///{Path(cfg.root).resolve() / 'mlflow.db'}"
 
 
-def plan(cfg: PipelineConfig) -> Plan:
-    """Resolve each stage's config from its profile, the overrides and the upstream stage's output paths."""
+def _plan_data(cfg: PipelineConfig) -> tuple[Any, Path, Any, Path]:
     from hscr_platform.sft import SftJobConfig
     from hscr_platform.synthmed import SynthMedJobConfig
 
     world = _stage_config(SynthMedJobConfig, cfg.profiles.synthmed, [], cfg, "synthmed")
     data = Path(cfg.root) / "synthmed" / config_hash(world.synthmed)
     synthmed = _stage_config(
-        SynthMedJobConfig, cfg.profiles.synthmed, [f"output.path={data}", "output.overwrite=true"], cfg, "synthmed"
+        SynthMedJobConfig,
+        cfg.profiles.synthmed,
+        [f"output.path={data}", "output.overwrite=true"],
+        cfg,
+        "synthmed",
     )
     paths = [f"data.train={data / 'train'}", f"data.eval={data / 'test'}", f"output.root={cfg.root}"]
     sft = _stage_config(SftJobConfig, cfg.profiles.sft, paths, cfg, "sft")
-    return Plan(synthmed=synthmed, synthmed_dir=data, sft=sft)
+    return synthmed, data, sft, stage_dir(cfg.root, "sft", sft) / "model"
+
+
+def _plan_generate(cfg: PipelineConfig, data: Path, base: Path) -> Any:
+    from hscr_platform.generate import GenerateJobConfig, generation_hash
+
+    inputs = [f"data.input={data / 'train'}", f"model.path={base}", "model.from_sft_config=null",
+              f"tracking.uri={_uri(cfg)}"]  # fmt: skip
+    probe = _stage_config(GenerateJobConfig, cfg.profiles.generate, [*inputs, "output.path=."], cfg, "generate")
+    out = Path(cfg.root) / "generate" / generation_hash(probe)
+    return _stage_config(GenerateJobConfig, cfg.profiles.generate, [*inputs, f"output.path={out}"], cfg, "generate")
+
+
+def _plan_train(cfg: PipelineConfig, prefs: Path, base: Path, stage: str, extra: Sequence[str]) -> Any:
+    from hscr_platform.train import TrainJobConfig
+
+    paths = [f"data.path={prefs}", f"policy.path={base}", f"output.root={cfg.root}", "output.name=null",
+             f"tracking.uri={_uri(cfg)}", *extra]  # fmt: skip
+    return _stage_config(TrainJobConfig, cfg.profiles.train, paths, cfg, stage)
+
+
+def _plan_evaluate(cfg: PipelineConfig, data: Path, models: dict[str, Path]) -> Any:
+    from hscr_platform.evaluate_job import EvaluateJobConfig
+
+    listed = "{" + ", ".join(f"{name}: {path}" for name, path in models.items()) + "}"
+    extra = [f"data.path={data / 'test'}", f"models={listed}", f"tracking.uri={_uri(cfg)}"]
+    probe = _stage_config(EvaluateJobConfig, cfg.profiles.evaluate, [*extra, "output.path=."], cfg, "evaluate")
+    out = Path(cfg.root) / "evaluate" / config_hash(probe)
+    return _stage_config(EvaluateJobConfig, cfg.profiles.evaluate, [*extra, f"output.path={out}"], cfg, "evaluate")
+
+
+def plan(cfg: PipelineConfig) -> Plan:
+    """Resolve each stage's config from its profile, the overrides and the upstream stage's output paths."""
+    from hscr_platform.train import run_name
+
+    synthmed, data, sft, base = _plan_data(cfg)
+    generate = _plan_generate(cfg, data, base)
+    prefs = Path(generate.output.path) / "preferences"
+    train = _plan_train(cfg, prefs, base, "train", [])
+    dpo = _plan_train(cfg, prefs, base, "dpo", ["loss.weights=dpo", "data.max_levels=2"]) if cfg.dpo_baseline else None
+    models = {"base": base, "hscr": Path(cfg.root) / "train" / run_name(train) / "model"}
+    if dpo is not None:
+        models["dpo"] = Path(cfg.root) / "train" / run_name(dpo) / "model"
+    evaluate = _plan_evaluate(cfg, data, models)
+    return Plan(synthmed, data, sft, base, generate, train, dpo, evaluate)
 
 
 def run_synthmed(stages: Plan) -> Path:
@@ -88,31 +153,70 @@ def run_synthmed(stages: Plan) -> Path:
     return out
 
 
-def _table(metrics: dict[str, Any]) -> str:
-    rows = [("closed accuracy", metrics.get("closed_accuracy")), ("open recall", metrics.get("open_recall"))]
-    rows += [("presence accuracy", metrics.get("presence_accuracy"))]
-    rows += [("presence: says yes", metrics.get("presence_yes_rate"))]
-    rows += [("presence: truth is yes", metrics.get("presence_truth_yes_rate"))]
-    rows += [("presence: false yes", metrics.get("presence_false_yes_rate"))]
-    rows += [(f"type {t}", v["score"]) for t, v in metrics.get("per_type", {}).items()]
-    lines = ["| metric | base model |", "|---|---|"]
-    lines += [f"| {name} | {value if value is None else f'{value:.3f}'} |" for name, value in rows]
-    return "\n".join(lines)
+def run_stages(stages: Plan) -> dict[str, Any]:
+    """Every stage in order (each job skips itself when its outputs are complete for the same config)."""
+    from hscr_platform.evaluate_job import run as evaluate_run
+    from hscr_platform.generate import run as generate_run
+    from hscr_platform.sft import run as sft_run
+    from hscr_platform.train import run as train_run
+
+    results: dict[str, Any] = {"synthmed": str(run_synthmed(stages))}
+    results["sft"] = dict(sft_run(stages.sft))
+    print("[pipeline] generate: HSCR preference data", flush=True)
+    results["generate"] = generate_run(stages.generate)
+    print("[pipeline] train: multi-level DPO (HSCR)", flush=True)
+    results["train"] = train_run(stages.train)
+    if stages.dpo is not None:
+        print("[pipeline] dpo: plain single-pair DPO baseline on the same data", flush=True)
+        results["dpo"] = train_run(stages.dpo)
+    done = Path(stages.evaluate.output.path) / "results.json"
+    if done.is_file():
+        print(f"[pipeline] evaluate: cached {done.parent}", flush=True)
+        results["evaluate"] = json.loads(done.read_text())
+    else:
+        print("[pipeline] evaluate: base vs aligned on the balanced test split", flush=True)
+        results["evaluate"] = evaluate_run(stages.evaluate)
+    return results
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """Plain sentences: did HSCR beat the base model (and plain DPO) on closed accuracy and hallucinations?"""
+    per_model = results.get("results") or {}
+    base, hscr = per_model.get("base", {}), per_model.get("hscr", {})
+    lines = []
+    for key, better, label in (("closed_accuracy", 1, "closed accuracy"),
+                               ("hallucination_rate", -1, "hallucination rate")):  # fmt: skip
+        b, h = base.get(key), hscr.get(key)
+        if b is None or h is None:
+            continue
+        won = (h - b) * better > 0
+        line = f"HSCR {'improves' if won else 'does NOT improve'} {label}: base {b:.3f} -> HSCR {h:.3f}"
+        d = per_model.get("dpo", {}).get(key)
+        lines.append(line + (f" (plain DPO {d:.3f})" if d is not None else ""))
+    return lines
+
+
+def write_report(cfg: PipelineConfig, stages: Plan, results: dict[str, Any], seconds: float) -> Path:
+    """<root>/report.md: the comparison table, the verdict, and where every output is."""
+    evaluate_out = Path(stages.evaluate.output.path)
+    table = (evaluate_out / "table.md").read_text() if (evaluate_out / "table.md").is_file() else "(no table)"
+    lines = ["# HSCR pipeline report", "", *verdict(results.get("evaluate", {})), "", table, "",
+             f"- SynthMed: {stages.synthmed_dir}", f"- base model: {stages.base_model}",
+             f"- preferences: {stages.generate.output.path} (reward view: reward_view.html there)",
+             f"- evaluation: {evaluate_out}", f"- wall time: {seconds:.0f} s",
+             f"- MLflow: `mlflow ui --backend-store-uri {_uri(cfg)}`"]  # fmt: skip
+    path = Path(cfg.root) / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage in order; print the comparison table and where everything is."""
+    """Run every stage in order; print the comparison table, the verdict and where everything is."""
     t0 = time.time()
-    stages = plan(cfg)  # a bad key in any stage fails here, before any work
-    data = run_synthmed(stages)
-    from hscr_platform.sft import run as sft_run
-
-    sft = dict(sft_run(stages.sft))
-    model_dir = Path(sft["model"])
-    report = json.loads((model_dir.parent / "eval.json").read_text()) if (model_dir.parent / "eval.json").is_file() else {}
-    print("\n" + _table(report.get("metrics", {})))
-    print("\nSample answers of the base model (balanced test split):")
-    for ex in report.get("examples", [])[: cfg.examples]:
-        print(f"  Q: {ex['question']:<40} truth: {ex['answer']:<28} model: {ex['prediction']}")
-    print(f"\n[pipeline] done in {time.time() - t0:.0f}s. data: {data}  base model: {model_dir}")
-    return {"data": str(data), "sft": read_summary(model_dir.parent)}
+    stages = plan(cfg)  # a bad key or path in any stage fails here, before any work
+    results = run_stages(stages)
+    report = write_report(cfg, stages, results, time.time() - t0)
+    print("\n" + report.read_text())
+    (Path(cfg.root) / "pipeline.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"[pipeline] done in {time.time() - t0:.0f}s; report: {report}")
+    return results

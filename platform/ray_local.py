@@ -110,9 +110,7 @@ def _check_temp_dir(temp_dir: Path) -> None:
         )
 
 
-def _start_command(
-    ray_bin: str, temp_dir: Path, ports: dict[str, int], num_cpus: int, host: str
-) -> list[str]:
+def _start_command(ray_bin: str, temp_dir: Path, ports: dict[str, int], num_cpus: int, host: str) -> list[str]:
     flags = {f"--{name.replace('_', '-')}": str(port) for name, port in ports.items()}
     flags |= {
         "--node-ip-address": host,
@@ -186,9 +184,7 @@ def start_local_head(
     try:
         proc = subprocess.run(cmd, env=_head_env(ray), capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"`ray start` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
-            )
+            raise RuntimeError(f"`ray start` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         _wait_for_dashboard(info.dashboard_url, timeout_s)
     except BaseException:
         stop_head(info)

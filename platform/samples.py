@@ -83,9 +83,7 @@ class ImageError(ValueError):
         self.detail = detail
 
 
-def validate_sample(
-    row: RawRow, *, max_image_pixels: int, max_image_bytes: int, seen_ids: set[str]
-) -> Reject | None:
+def validate_sample(row: RawRow, *, max_image_pixels: int, max_image_bytes: int, seen_ids: set[str]) -> Reject | None:
     """None if ``row`` can be written, else the ``Reject`` (reason + detail) that says why not.
 
     Checks, in order: required fields present, question/answer non-blank text, id not in ``seen_ids``, then
@@ -99,9 +97,7 @@ def validate_sample(
         reason, detail = DUPLICATE_ID, f"id {row_id!r} was already written"
     if reason is None:
         try:
-            row["image"] = _check_image(
-                row.get("image"), max_pixels=max_image_pixels, max_bytes=max_image_bytes
-            )
+            row["image"] = _check_image(row.get("image"), max_pixels=max_image_pixels, max_bytes=max_image_bytes)
         except ImageError as exc:
             reason, detail = exc.reason, exc.detail
     if reason is not None:

@@ -57,7 +57,7 @@ def sample_row(**values: Any) -> dict[str, Any]:
     return {name: values.get(name) for name in SAMPLE_SCHEMA.names}
 
 
-def reject_row(*, id: str, source: str, reason: str, detail: str = "") -> dict[str, str]:  # noqa: A002
+def reject_row(*, id: str, source: str, reason: str, detail: str = "") -> dict[str, str]:
     """A row of the rejects table."""
     return {"id": id, "source": source, "reason": reason, "detail": detail}
 

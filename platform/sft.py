@@ -18,7 +18,7 @@ from typing import Any, Literal
 from hscr_platform.cache import is_complete, mark_complete, read_summary, reset, stage_dir
 from hscr_platform.config import config_hash
 from hscr_platform.io import iter_rows, shard_files
-from hscr_platform.models import ModelConfig, check_vlm_folder
+from hscr_platform.models import check_vlm_folder
 from hscr_platform.runtime import RayConfig, init_ray
 from hscr_platform.toymodel import ToyModelConfig, create_toy_model
 
@@ -169,8 +169,13 @@ def run(cfg: SftJobConfig) -> dict[str, Any]:
     if cfg.data.eval and cfg.eval.samples:
         from hscr_platform.evaluation import evaluate_folder
 
-        report = evaluate_folder(out / "model", cfg.data.eval, samples=cfg.eval.samples,
-                                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+        report = evaluate_folder(
+            out / "model",
+            cfg.data.eval,
+            samples=cfg.eval.samples,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         summary["eval"] = report["metrics"]
     mark_complete(out, cfg, **summary)

@@ -133,8 +133,9 @@ def pretrain_vision(model: Any, processor: Any, rows: list[dict], labels: LabelS
     tower = vision_tower(model)
     vcfg = tower.config
     num_patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    probe = _ddp(VisionProbe(tower, num_patches=num_patches, hidden=vcfg.hidden_size, num_labels=labels.size),
-                 ctx["world"])
+    probe = _ddp(
+        VisionProbe(tower, num_patches=num_patches, hidden=vcfg.hidden_size, num_labels=labels.size), ctx["world"]
+    )
     params = [p for p in probe.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     targets = torch.tensor([labels.encode(r) for r in rows])  # (N, labels)
@@ -166,13 +167,14 @@ def train_qa(model: Any, processor: Any, rows: list[dict], cfg: Any, ctx: dict) 
     for step in range(cfg.steps):
         batch_rows = [rows[i] for i in next(batches)]
         batch = encode_for_training(
-            processor, [r["pil"] for r in batch_rows], [r["question"] for r in batch_rows],
+            processor,
+            [r["pil"] for r in batch_rows],
+            [r["question"] for r in batch_rows],
             [r["answer"] for r in batch_rows],
         )
         loss = wrapped(**{k: v.to(ctx["device"]) for k, v in batch.items()}).loss
         loss.backward()
-        norm = _step(opt, params, lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps),
-                     cfg.grad_clip)
+        norm = _step(opt, params, lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps), cfg.grad_clip)
         history.append({"phase": "qa", "step": step, "loss": loss.item(), "grad_norm": norm})
         _log(ctx, history[-1], every=cfg.log_every)
     model.eval()

@@ -272,9 +272,7 @@ def generate_dataset(job: SynthMedJobConfig) -> dict[str, Any]:
         (root / split).mkdir()
         tasks += [(cfg, split, shard, str(root / split)) for shard in range(len(_chunks(cfg, split)))]
     tallies = _run_tasks(tasks, cfg.workers)
-    per_split = {
-        s: sum((t for task, t in zip(tasks, tallies, strict=True) if task[1] == s), Counter()) for s in SPLITS
-    }
+    per_split = {s: sum((t for task, t in zip(tasks, tallies, strict=True) if task[1] == s), Counter()) for s in SPLITS}
     seconds = time.perf_counter() - start  # generation only; the preview is not part of the throughput
     samples = sum(t["samples"] for t in per_split.values())
     write_preview(cfg, root / "preview.png", split=next(s for s in ("test", *SPLITS) if per_split[s]))
@@ -304,9 +302,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for split, info in summary["splits"].items():
         rates = ", ".join(f"{k} {v:.3f}" for k, v in info["yes_rate"].items())
-        lines.append(
-            f"  {split:<10} {info['samples']:>7} samples, {info['images']:>6} images; yes-rate {rates}"
-        )
+        lines.append(f"  {split:<10} {info['samples']:>7} samples, {info['images']:>6} images; yes-rate {rates}")
     lines.append(f"  preview: {out}/preview.png  summary: {out}/summary.json")
     return "\n".join(lines)
 

@@ -240,9 +240,7 @@ def _cross_section(grid: Grid, scene: Scene, rng: np.random.Generator) -> np.nda
     return img
 
 
-def _chest_slice(
-    grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator
-) -> Layers:
+def _chest_slice(grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator) -> Layers:
     st, (rx, ry) = scene.style, (r * scene.style.scale for r in _BODY["chest"])
     ribs = np.cos(14 * phi + rng.uniform(0, 2 * np.pi)) > -0.2
     yield (rho > 0.84) & (rho < 0.93) & ribs, "bone"
@@ -255,9 +253,7 @@ def _chest_slice(
         yield _polar(grid, x, y, 0.012, 0.012)[0] < 1, "vessel"
 
 
-def _brain_slice(
-    grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator
-) -> Layers:
+def _brain_slice(grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator) -> Layers:
     st = scene.style
     yield (rho > 0.85) & (rho < 0.94), "bone"  # skull
     yield rho <= 0.85, "grey"
@@ -266,9 +262,7 @@ def _brain_slice(
         yield _polar(grid, st.cx + side * 0.04, st.cy, 0.025, 0.08)[0] < 1, "csf"
 
 
-def _abdomen_slice(
-    grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator
-) -> Layers:
+def _abdomen_slice(grid: Grid, rho: np.ndarray, phi: np.ndarray, scene: Scene, rng: np.random.Generator) -> Layers:
     st, ry = scene.style, _BODY["abdomen"][1] * scene.style.scale
     yield (rho > 0.88) & (rho < 0.94), "muscle"
     yield rho <= 0.88, "soft"
@@ -304,9 +298,7 @@ def _xray_anatomy(grid: Grid, scene: Scene, rng: np.random.Generator) -> np.ndar
     return img
 
 
-def _draw_finding(
-    img: np.ndarray, grid: Grid, finding: Finding, scene: Scene, rng: np.random.Generator
-) -> None:
+def _draw_finding(img: np.ndarray, grid: Grid, finding: Finding, scene: Scene, rng: np.random.Generator) -> None:
     core, rim = _FINDING_LOOK[scene.modality][finding.kind]
     if finding.kind == "effusion":
         regions = [(_effusion_mask(grid, finding, scene), core)]

@@ -22,7 +22,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 
 # LLaVA-1.5 style conversation, without a system prompt: "USER: <image>\n{q} ASSISTANT: {a}</s>".

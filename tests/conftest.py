@@ -33,3 +33,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64, max_positions=160,
     )  # fmt: skip
     return create_toy_model(cfg, TINY_TEXTS * 10, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def noise_images() -> list:
+    """Two different 64×64 RGB noise images (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")).convert("RGB") for _ in range(2)]

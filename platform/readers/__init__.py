@@ -47,9 +47,7 @@ class SourceConfig:
 
     format: Format
     path: str  # the dataset folder or file (see docs/DATA.md for each format's layout)
-    split: str | None = (
-        None  # overrides the split the data says (None: from the data / file name, else train)
-    )
+    split: str | None = None  # overrides the split the data says (None: from the data / file name, else train)
     image_dir: str | None = None  # where image files are (None: the format's usual place)
     name: str | None = None  # parquet/jsonl only: the `source` column (None: the format name)
     columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)  # parquet/jsonl only

@@ -165,9 +165,7 @@ def make_row(
     texts: dict[str, str | None] = {}
     for name, value in (("question", question), ("answer", answer)):
         if value is not None and not isinstance(value, str | int | float):
-            return Reject(
-                id=id, source=source, reason=BAD_VALUE, detail=f"{name} is a {type(value).__name__}"
-            )
+            return Reject(id=id, source=source, reason=BAD_VALUE, detail=f"{name} is a {type(value).__name__}")
         texts[name] = None if value is None else str(value)
     return sample_row(
         id=id,

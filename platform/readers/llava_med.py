@@ -94,9 +94,7 @@ def _record_rows(
         return
     pairs = list(_pairs(turns))
     if not pairs:
-        yield missing_field(
-            id=base_id, source=SOURCE, keys=["human turn"], where=f"{file.name} conversations"
-        )
+        yield missing_field(id=base_id, source=SOURCE, keys=["human turn"], where=f"{file.name} conversations")
         return
     for turn, (question, answer) in enumerate(pairs):
         yield make_row(

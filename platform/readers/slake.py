@@ -58,9 +58,7 @@ def _default_images(folder: Path) -> Path:
     return folder / IMAGE_FOLDERS[0]  # does not exist: require_path names it
 
 
-def _rows(
-    loaded: list[tuple[Path, list[Any]]], *, images: Path, split: str | None
-) -> Iterator[RawRow | Reject]:
+def _rows(loaded: list[tuple[Path, list[Any]]], *, images: Path, split: str | None) -> Iterator[RawRow | Reject]:
     for file, records in loaded:
         file_split = split or split_from_name(file.name) or DEFAULT_SPLIT
         for index, record in enumerate(records):

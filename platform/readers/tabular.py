@@ -141,9 +141,7 @@ def _jsonl_rows(
                 detail = f"{file.name} line {number} is a {type(record).__name__}, not an object"
                 yield bad_json(id=line_id, source=name, detail=detail)
             else:
-                yield _row(
-                    record, columns=columns, name=name, file=file, position=number, images=images, split=split
-                )
+                yield _row(record, columns=columns, name=name, file=file, position=number, images=images, split=split)
 
 
 def _row(

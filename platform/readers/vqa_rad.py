@@ -77,9 +77,7 @@ def read_vqa_rad_mevf(
     return _mevf_rows(loaded, images=images, split=split)
 
 
-def _mevf_rows(
-    loaded: list[tuple[Path, list[Any]]], *, images: Path, split: str | None
-) -> Iterator[RawRow | Reject]:
+def _mevf_rows(loaded: list[tuple[Path, list[Any]]], *, images: Path, split: str | None) -> Iterator[RawRow | Reject]:
     for file, records in loaded:
         file_split = split or split_from_name(file.name) or DEFAULT_SPLIT
 

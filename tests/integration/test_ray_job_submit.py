@@ -116,9 +116,7 @@ def test_tiny_pipeline_submitted_as_a_ray_job_succeeds(head, tmp_path):
 
 def test_stop_head_stops_only_that_head(head):
     # a stand-in for another head whose temp dir shares a prefix with this one's
-    decoy = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", f"--temp-dir={head.temp_dir}x"]
-    )
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--temp-dir={head.temp_dir}x"])
     try:
         names = {p.name() for p in head_processes(head.temp_dir)}
         assert {"gcs_server", "raylet"} <= names, names

@@ -128,9 +128,7 @@ def test_one_pinned_image_everywhere():
     (image,) = images
     name, _, tag = image.rpartition(":")
     assert name.endswith("/hscr-platform") and "/" in name, image
-    assert tag not in {"", "latest"} and tag == VERSION, (
-        f"tag the image with the project version {VERSION}: {image}"
-    )
+    assert tag not in {"", "latest"} and tag == VERSION, f"tag the image with the project version {VERSION}: {image}"
     assert f"hscr-platform:{VERSION}" in (CLUSTER / "README.md").read_text()
 
 
@@ -142,9 +140,7 @@ def test_dockerfile_builds_the_wheel_and_installs_the_gpu_stack():
     froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\w+))?", text, flags=re.M)
     assert len(froms) >= 2 and froms[0][1] == "builder", "a builder stage makes the wheel"
     base = re.search(r"^ARG RAY_IMAGE=(\S+)", text, flags=re.M)
-    assert base and base.group(1) == f"rayproject/ray:{RAY_PIN}-py311-gpu", (
-        "Ray image of the pinned Ray, py3.11"
-    )
+    assert base and base.group(1) == f"rayproject/ray:{RAY_PIN}-py311-gpu", "Ray image of the pinned Ray, py3.11"
     assert froms[-1][0] == "${RAY_IMAGE}"
     for folder in ("hscr/", "platform/", "jobs/"):
         assert re.search(rf"^COPY {folder} {folder}$", text, flags=re.M), f"the builder copies {folder}"
@@ -185,16 +181,12 @@ def test_kuberay_fields_exist_in_the_ray_io_v1_api():
         assert spec["rayVersion"] == RAY_PIN
         for _, g in _groups(spec):
             params = g["rayStartParams"]
-            assert all(isinstance(v, str) for v in params.values()), (
-                f"{kind}: rayStartParams values are strings"
-            )
+            assert all(isinstance(v, str) for v in params.values()), f"{kind}: rayStartParams values are strings"
 
 
 def test_rayjob_runs_on_the_same_cluster_spec_and_cleans_up():
     spec = _kind("RayJob")["spec"]
-    assert spec["rayClusterSpec"] == _kind("RayCluster")["spec"], (
-        "rayjob.yaml and raycluster.yaml drifted apart"
-    )
+    assert spec["rayClusterSpec"] == _kind("RayCluster")["spec"], "rayjob.yaml and raycluster.yaml drifted apart"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
 
 
@@ -203,9 +195,7 @@ def _job_config_class(module: str) -> type:
     tree = ast.parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "job_main"]
     name = calls[0].args[0].id  # type: ignore[attr-defined]
-    (origin,) = [
-        n.module for n in tree.body if isinstance(n, ast.ImportFrom) and name in {a.name for a in n.names}
-    ]
+    (origin,) = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and name in {a.name for a in n.names}]
     return getattr(importlib.import_module(str(origin)), name)
 
 
@@ -252,9 +242,7 @@ def test_mlflow_uri_comes_from_a_secret_in_every_container():
 
 
 def test_shared_volume_is_a_pvc_at_mnt_shared_and_holds_the_base_profiles_paths():
-    (pvc,) = [
-        d for d in _docs(CLUSTER / "kuberay/shared-storage.yaml") if d["kind"] == "PersistentVolumeClaim"
-    ]
+    (pvc,) = [d for d in _docs(CLUSTER / "kuberay/shared-storage.yaml") if d["kind"] == "PersistentVolumeClaim"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
     for kind, spec in _cluster_specs():
         for group, g in _groups(spec):
@@ -294,9 +282,7 @@ def test_runtime_env_excludes_local_state_and_keeps_the_secret_uri():
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "MLFLOW_TRACKING_URI" not in env["env_vars"], "would override the Secret for every job"
     rayjob_env = yaml.safe_load(_kind("RayJob")["spec"]["runtimeEnvYAML"])
-    assert rayjob_env == {"env_vars": env["env_vars"]}, (
-        "rayjob.yaml's runtimeEnvYAML drifted from runtime_env.yaml"
-    )
+    assert rayjob_env == {"env_vars": env["env_vars"]}, "rayjob.yaml's runtimeEnvYAML drifted from runtime_env.yaml"
 
 
 def test_runtime_env_is_accepted_by_ray():

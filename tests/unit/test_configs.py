@@ -98,6 +98,8 @@ JOB_CONFIGS = {
     "train": ("hscr_platform.train", "TrainJobConfig"),
     "generate": ("hscr_platform.generate", "GenerateJobConfig"),
     "pipeline": ("hscr_platform.pipeline", "PipelineConfig"),
+    "evaluate": ("hscr_platform.evaluate_job", "EvaluateJobConfig"),
+    "sweep": ("hscr_platform.sweep", "SweepJobConfig"),
 }
 
 

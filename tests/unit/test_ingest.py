@@ -46,12 +46,7 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def row(**values: Any) -> dict[str, Any]:
@@ -164,9 +159,7 @@ def ingest(*overrides: str) -> dict[str, Any]:
     return summary
 
 
-def test_ingest_writes_samples_and_rejects_with_reasons(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_ingest_writes_samples_and_rejects_with_reasons(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     expected = write_bad_dataset(tmp_path / "src")
     out = tmp_path / "out"
     summary = ingest(*JSONL, f"source.path={tmp_path / 'src'}", f"output.path={out}")
@@ -222,9 +215,7 @@ def test_ingest_refuses_a_non_empty_output_unless_overwrite(tmp_path: Path) -> N
     ingest(*args, "output.overwrite=true")
     ingest(*args, "output.overwrite=true", "output.rows_per_shard=1")
     assert len(list((out / "samples").glob("part-*.parquet"))) == 2  # the old shard was replaced
-    assert (
-        read_table(out / "samples").num_rows == 2 and (out / "keep.txt").read_text() == "someone else's file"
-    )
+    assert read_table(out / "samples").num_rows == 2 and (out / "keep.txt").read_text() == "someone else's file"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hscr_platform.logprobs import (
     drop_features,
@@ -21,11 +19,10 @@ from hscr_platform.models import ModelConfig, load_vlm
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir):
+def setup(tiny_model_dir, noise_images):
     torch.manual_seed(0)
     model, processor = load_vlm(ModelConfig(path=str(tiny_model_dir)))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")).convert("RGB") for _ in range(2)]
+    images = noise_images
     # questions of different lengths -> left padding is exercised
     prefix = encode_prefixes(processor, images, ["is there a nodule?", "describe the image."])
     tok = processor.tokenizer

@@ -112,9 +112,7 @@ def test_level_mask_equals_loss_on_shorter_list() -> None:
         gamma=GAMMA,
         pair_weights=all_pairs_weights(3),
     )
-    short_1, _ = multilevel_dpo_loss(
-        POLICY_4[:, :3], REF_4[:, :3], gamma=GAMMA, pair_weights=all_pairs_weights(3)
-    )
+    short_1, _ = multilevel_dpo_loss(POLICY_4[:, :3], REF_4[:, :3], gamma=GAMMA, pair_weights=all_pairs_weights(3))
     torch.testing.assert_close(per_example, torch.cat([short_0, short_1]))
     # By hand, example 1: r = [0.1, −0.05, 0]:
     #   sp(0.15) + sp(0.1) + sp(−0.05) = 0.620957 + 0.644397 + 0.718460 = 1.983813

@@ -54,9 +54,7 @@ def test_head_env_disables_auth_and_puts_the_venv_first(monkeypatch):
 def test_head_processes_match_the_dir_as_a_whole_path(tmp_path):
     mine, other = tmp_path / "ray-ab", tmp_path / "ray-abc"
     code = "import time; time.sleep(60)"
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, f"--log_dir={d}/session/logs"]) for d in (mine, other)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"--log_dir={d}/session/logs"]) for d in (mine, other)]
     try:
         time.sleep(0.5)
         assert {p.pid for p in ray_local.head_processes(mine)} == {procs[0].pid}

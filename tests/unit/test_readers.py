@@ -128,9 +128,7 @@ def test_slake_keeps_english_only_and_accepts_imgs_folder(tmp_path: Path) -> Non
     (tmp_path / "validate.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     rows = list(read_slake(tmp_path))
     assert len(rows) == 2 and rows[0]["id"] == "slake:1"
-    assert (
-        rows[0]["split"] == "validation" and rows[0]["image"] == tmp_path / "imgs" / "xmlab1" / "source.jpg"
-    )
+    assert rows[0]["split"] == "validation" and rows[0]["image"] == tmp_path / "imgs" / "xmlab1" / "source.jpg"
     assert isinstance(rows[1], Reject) and rows[1].id == "slake:3" and rows[1].reason == "missing_field"
     assert "question" in rows[1].detail
 
@@ -221,9 +219,7 @@ def test_parquet_with_a_column_mapping_and_image_paths(tmp_path: Path) -> None:
     )
     pq.write_table(table, tmp_path / "mine.parquet")
     columns = ColumnMap(question="q", answer="a", image="img", id="uid", answer_type="kind", split="set")
-    rows = list(
-        read_parquet(tmp_path / "mine.parquet", columns=columns, name="mine", image_dir=tmp_path / "imgs")
-    )
+    rows = list(read_parquet(tmp_path / "mine.parquet", columns=columns, name="mine", image_dir=tmp_path / "imgs"))
     assert [r["id"] for r in rows] == ["u1", "u2"]
     assert [r["split"] for r in rows] == ["validation", "train"]
     assert [r["answer_type"] for r in rows] == ["open", "closed"]  # from the column; inferred when null

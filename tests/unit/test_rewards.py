@@ -73,9 +73,7 @@ def test_token_shift_and_reward() -> None:
     # Position 1: (1.9)[0, 3, 1] − 0.9[0, 1, 1] = [0, 4.8, 1.0]; softmax(z) = [0.042010, 0.843795, 0.114195],
     # α = 0.1 threshold 0.084380 → token 0 implausible; P_diff[1] = 1 / (1 + e^−3.8) = 0.978119.
     expected = torch.tensor([0.853286, 0.978119])
-    torch.testing.assert_close(
-        token_reward(full, dropped, tokens, beta=0.9, alpha=0.1), expected, atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(token_reward(full, dropped, tokens, beta=0.9, alpha=0.1), expected, atol=1e-6, rtol=0)
     batched = token_shift(full[None], dropped[None], tokens[None])  # (1, 2)
     torch.testing.assert_close(batched, torch.tensor([[1.0, 2.0]]))
 
@@ -98,9 +96,7 @@ def test_eligible_token_mask_excludes_special_punctuation_and_padding() -> None:
     # ids: 1 = <s>, 2 = </s>, 0 = <pad>, 7 = ",", others words.
     token_ids = torch.tensor([[1, 5, 7, 6, 2, 0], [1, 8, 9, 2, 0, 0]])
     attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
-    mask = eligible_token_mask(
-        token_ids, special_ids={0, 1, 2}, punctuation_ids=[7], attention_mask=attention
-    )
+    mask = eligible_token_mask(token_ids, special_ids={0, 1, 2}, punctuation_ids=[7], attention_mask=attention)
     assert mask.tolist() == [
         [False, True, False, True, False, False],
         [False, True, True, False, False, False],

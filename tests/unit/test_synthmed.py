@@ -207,9 +207,7 @@ def test_answers_agree_with_the_findings(tiny_dataset):
         if m := re.fullmatch(r"how many (\w+) are there\?", q):
             kind = next(k for k, plural in PLURAL.items() if plural == m.group(1))
             assert answer == NUMBER[kinds.count(kind)], row
-        elif m := re.fullmatch(
-            r"(?:is there|does the image show|is|can you see) an? (\w+)(?: present)?\?", q
-        ):
+        elif m := re.fullmatch(r"(?:is there|does the image show|is|can you see) an? (\w+)(?: present)?\?", q):
             assert answer == ("yes" if m.group(1) in kinds else "no"), row
         elif m := re.fullmatch(r"where is the (\w+)\?", q):
             assert kinds.count(m.group(1)) == 1
@@ -218,9 +216,7 @@ def test_answers_agree_with_the_findings(tiny_dataset):
             truth = next(f["position"] for f in findings if f["kind"] == m.group(1))
             assert answer == ("yes" if truth == m.group(2) else "no"), row
         elif q == "what abnormality is seen?":
-            assert (
-                answer == "no abnormality" if not kinds else set(re.split(r", | and ", answer)) == set(kinds)
-            )
+            assert answer == "no abnormality" if not kinds else set(re.split(r", | and ", answer)) == set(kinds)
         elif m := re.fullmatch(r"is this an? (ct|mri|x-ray)(?: scan)?\?", q):
             assert answer == ("yes" if m.group(1) == MODALITY_NAME[row["modality"]] else "no"), row
         elif q == "what modality is this?":

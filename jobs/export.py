@@ -1,0 +1,21 @@
+"""Export preference shards to TRL's preference format or LLaVA-style JSON (see platform/export.py).
+
+python -m jobs.export input=<generate output>/preferences format=trl output=<dir> [pairs=all]
+python -m jobs.export input=<generate output>/preferences format=llava output=<dir>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hscr_platform.cli import job_main
+from hscr_platform.export import ExportJobConfig, run
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return job_main(ExportJobConfig, run, prog="jobs.export", argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Generate HSCR preference data (stages 1 + 2) on Ray Data; resumable, see platform/generate.py.
+
+python -m jobs.generate --config jobs/configs/generate/tiny.yaml data.input=<samples dir> output.path=<dir>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hscr_platform.cli import job_main
+from hscr_platform.generate import GenerateJobConfig, run
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return job_main(GenerateJobConfig, run, prog="jobs.generate", argv=argv)
+
+
+if __name__ == "__main__":
+    main()

