@@ -161,9 +161,16 @@ def _tune_callback() -> Any:
     return FlatReport()
 
 
-def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: str | None) -> None:
-    """Tune function trainable: train with the sampled values, then report the validation score."""
+def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: str | None, cwd: str) -> None:
+    """Tune function trainable: train with the sampled values, then report the validation score.
+
+    Trials run in their own directory; relative paths in the configs mean the driver's working directory.
+    """
+    import os
+
     from ray import tune
+
+    os.chdir(cwd)
 
     from hscr_platform.evaluation import evaluate_folder
     from hscr_platform.train import run as train_run
@@ -189,7 +196,7 @@ def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None) -> Any:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent_run_id)
+    trainable = tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
     search = cfg.search
     return tune.Tuner(
         tune.with_resources(trainable, {"CPU": search.trial_cpus}),
@@ -197,6 +204,7 @@ def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None) -> Any:
         tune_config=tune.TuneConfig(
             num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent_trials,
+            reuse_actors=False,  # a stopped trial's actor must die: its Ray Train workers go with it
             search_alg=BasicVariantGenerator(random_state=search.seed),
             scheduler=ASHAScheduler(
                 metric=search.asha_metric,
@@ -219,7 +227,7 @@ def trial_rows(results: Any, cfg: SweepJobConfig) -> list[dict[str, Any]]:
         status = "error" if result.error else ("finished" if score is not None else "stopped early")
         params = {d.key: (result.config or {}).get(d.key) for d in cfg.space}
         rows.append({"params": params, "val_score": score, "status": status,
-                     "error": str(result.error)[:300] if result.error else None,
+                     "error": str(result.error)[-500:] if result.error else None,
                      "trial_name": metrics.get("trial_name")})  # fmt: skip
     return rows
 
