@@ -280,6 +280,7 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
         _client_metric(parent, "best_val_score", best["val_score"])
     for path in files:
         log_artifacts(parent, path)
+    _close_stopped_children(parent)
     end_run(parent, "FINISHED" if best is not None else "FAILED")
     print(table)
     print(f"[sweep] best {cfg.objective.metric}: {best and best['val_score']}; config: {out / 'best.yaml'}")
@@ -291,3 +292,13 @@ def _client_metric(run: Any, key: str, value: float) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(run.uri).log_metric(run.run_id, key, value)
+
+
+def _close_stopped_children(parent: Any) -> None:
+    """Trials that ASHA stopped were killed mid-run: mark their still-RUNNING MLflow runs KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(parent.uri)
+    query = f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
+    for child in client.search_runs([parent.experiment_id], filter_string=query):
+        client.set_terminated(child.info.run_id, status="KILLED")

@@ -73,6 +73,7 @@ def test_mlflow_parent_with_child_trial_runs(swept):
     assert "best_val_score" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) >= 1 and all(c.data.params.get("loss.weights") == "custom" for c in children)
+    assert all(c.info.status in ("FINISHED", "KILLED", "FAILED") for c in children)  # none left RUNNING
 
 
 def test_invalid_search_space_fails_before_ray(inputs, tiny_model_dir):
