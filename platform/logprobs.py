@@ -126,7 +126,8 @@ def features_as_encoder_outputs(features: torch.Tensor) -> dict:
     """Wrap (B, N, D) visual tokens so that the model's forward uses them instead of the pixels."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}  # one (N, D) per image
+    per_image = tuple(features)  # one (N, D) per image: what LLaVA's forward concatenates
+    return {"image": BaseModelOutputWithPooling(pooler_output=per_image)}  # type: ignore[arg-type]
 
 
 def model_fingerprint(folder: str | Path) -> str:

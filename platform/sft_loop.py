@@ -131,7 +131,7 @@ def _step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], lr: float,
 def pretrain_vision(model: Any, processor: Any, rows: list[dict], labels: LabelSpace, cfg: Any, ctx: dict) -> list:
     """Phase 1: multi-label BCE on scene labels through the probe; returns the metric history."""
     tower = vision_tower(model)
-    vcfg = tower.config
+    vcfg: Any = tower.config
     num_patches = (vcfg.image_size // vcfg.patch_size) ** 2
     probe = _ddp(
         VisionProbe(tower, num_patches=num_patches, hidden=vcfg.hidden_size, num_labels=labels.size), ctx["world"]

@@ -136,13 +136,23 @@ def param_space(cfg: SweepJobConfig) -> dict[str, Any]:
     def domain(dim: Dimension) -> Any:
         if dim.kind == "choice":
             return tune.choice(list(dim.values))
+        assert dim.low is not None and dim.high is not None  # checked in Dimension.__post_init__
         sample = tune.loguniform if dim.kind == "loguniform" else tune.uniform
-        if not dim.size:
-            return sample(dim.low, dim.high)
         scalar = sample(dim.low, dim.high)
-        return tune.sample_from(lambda _spec, d=scalar, n=dim.size: [d.sample() for _ in range(n)])
+        if not dim.size:
+            return scalar
+        return tune.sample_from(_vector_sampler(scalar, dim.size))
 
     return {d.key: domain(d) for d in cfg.space}
+
+
+def _vector_sampler(scalar: Any, size: int) -> Any:
+    """A Tune sample_from function drawing ``size`` independent values from one domain."""
+
+    def draw(_spec: Any) -> list[float]:
+        return [float(scalar.sample()) for _ in range(size)]
+
+    return draw
 
 
 # --- one trial ------------------------------------------------------------------------------------------
