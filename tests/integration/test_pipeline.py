@@ -33,7 +33,8 @@ def run_pipeline(root: Path) -> subprocess.CompletedProcess:
 def first_run():
     # a root relative to the working directory, as in the demo: Ray workers run elsewhere and must get
     # absolute paths from the driver
-    relative = Path("runs") / f"test-pipeline-{uuid.uuid4().hex[:8]}"
+    # (a top-level folder of its own, removed whole: an empty runs/ left behind would be uploaded by ray job submit)
+    relative = Path(f"runs-test-pipeline-{uuid.uuid4().hex[:8]}")
     proc = run_pipeline(relative)
     assert proc.returncode == 0, proc.stderr[-3000:]
     yield REPO / relative, proc
