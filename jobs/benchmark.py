@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hscr_platform.cli import apply_env_defaults
-from hscr_platform.config import load_config
+from hscr_platform.core.cli import apply_env_defaults
+from hscr_platform.core.config import load_config
 
 # name -> (module, config class)
 BENCHMARKS = {
-    "train": ("hscr_platform.bench_train", "TrainBenchConfig"),
-    "generate": ("hscr_platform.bench_generate", "GenerateBenchConfig"),
+    "train": ("hscr_platform.bench.train", "TrainBenchConfig"),
+    "generate": ("hscr_platform.bench.generate", "GenerateBenchConfig"),
 }
 
 

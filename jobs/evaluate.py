@@ -3,8 +3,8 @@
 python -m jobs.evaluate --config jobs/configs/evaluate/tiny.yaml models='{a: <folder>, b: <folder>}'
 """
 
-from hscr_platform.cli import job_main
-from hscr_platform.evaluate_job import EvaluateJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.evaluation.job import EvaluateJobConfig, run
 
 if __name__ == "__main__":
     job_main(EvaluateJobConfig, run, prog="jobs.evaluate")

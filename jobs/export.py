@@ -1,4 +1,4 @@
-"""Export preference shards to TRL's preference format or LLaVA-style JSON (see platform/export.py).
+"""Export preference shards to TRL's preference format or LLaVA-style JSON (see platform/data/export.py).
 
 python -m jobs.export input=<generate output>/preferences format=trl output=<dir> [pairs=all]
 python -m jobs.export input=<generate output>/preferences format=llava output=<dir>
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hscr_platform.cli import job_main
-from hscr_platform.export import ExportJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.data.export import ExportJobConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""Generate HSCR preference data (stages 1 + 2) on Ray Data; resumable, see platform/generate.py.
+"""Generate HSCR preference data (stages 1 + 2) on Ray Data; resumable, see platform/generation/job.py.
 
 python -m jobs.generate --config jobs/configs/generate/tiny.yaml data.input=<samples dir> output.path=<dir>
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hscr_platform.cli import job_main
-from hscr_platform.generate import GenerateJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.generation.job import GenerateJobConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hscr_platform.cli import job_main
-from hscr_platform.ingest import IngestJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.data.ingest import IngestJobConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

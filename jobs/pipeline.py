@@ -3,7 +3,7 @@
 python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml
 """
 
-from hscr_platform.cli import job_main
+from hscr_platform.core.cli import job_main
 from hscr_platform.pipeline import PipelineConfig, run
 
 if __name__ == "__main__":

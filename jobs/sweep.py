@@ -3,7 +3,7 @@
 python -m jobs.sweep --config jobs/configs/sweep/demo.yaml
 """
 
-from hscr_platform.cli import job_main
+from hscr_platform.core.cli import job_main
 from hscr_platform.sweep import SweepJobConfig, run
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hscr_platform.cli import job_main
-from hscr_platform.synthmed import SynthMedJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.data.synthmed.job import SynthMedJobConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hscr_platform.cli import job_main
-from hscr_platform.train import TrainJobConfig, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.training.job import TrainJobConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hscr_platform.cache import is_complete, mark_complete, stage_dir
-from hscr_platform.config import config_hash, load_config
-from hscr_platform.runtime import RayConfig
+from hscr_platform.core.cache import is_complete, mark_complete, stage_dir
+from hscr_platform.core.config import config_hash, load_config
+from hscr_platform.core.runtime import RayConfig
 
 STAGES = ("synthmed", "sft", "generate", "train", "dpo", "evaluate")
 
@@ -79,8 +79,8 @@ def _uri(cfg: PipelineConfig) -> str:
 
 
 def _plan_data(cfg: PipelineConfig) -> tuple[Any, Path, Any, Path]:
-    from hscr_platform.sft import SftJobConfig
-    from hscr_platform.synthmed import SynthMedJobConfig
+    from hscr_platform.data.synthmed.job import SynthMedJobConfig
+    from hscr_platform.training.sft import SftJobConfig
 
     world = _stage_config(SynthMedJobConfig, cfg.profiles.synthmed, [], cfg, "synthmed")
     data = Path(cfg.root) / "synthmed" / config_hash(world.synthmed)
@@ -97,7 +97,7 @@ def _plan_data(cfg: PipelineConfig) -> tuple[Any, Path, Any, Path]:
 
 
 def _plan_generate(cfg: PipelineConfig, data: Path, base: Path) -> Any:
-    from hscr_platform.generate import GenerateJobConfig, generation_hash
+    from hscr_platform.generation.job import GenerateJobConfig, generation_hash
 
     inputs = [f"data.input={data / 'train'}", f"model.path={base}", "model.from_sft_config=null",
               f"tracking.uri={_uri(cfg)}"]  # fmt: skip
@@ -107,7 +107,7 @@ def _plan_generate(cfg: PipelineConfig, data: Path, base: Path) -> Any:
 
 
 def _plan_train(cfg: PipelineConfig, prefs: Path, base: Path, stage: str, extra: Sequence[str]) -> Any:
-    from hscr_platform.train import TrainJobConfig
+    from hscr_platform.training.job import TrainJobConfig
 
     paths = [f"data.path={prefs}", f"policy.path={base}", f"output.root={cfg.root}", "output.name=null",
              f"tracking.uri={_uri(cfg)}", *extra]  # fmt: skip
@@ -115,7 +115,7 @@ def _plan_train(cfg: PipelineConfig, prefs: Path, base: Path, stage: str, extra:
 
 
 def _plan_evaluate(cfg: PipelineConfig, data: Path, models: dict[str, Path]) -> Any:
-    from hscr_platform.evaluate_job import EvaluateJobConfig
+    from hscr_platform.evaluation.job import EvaluateJobConfig
 
     listed = "{" + ", ".join(f"{name}: {path}" for name, path in models.items()) + "}"
     extra = [f"data.path={data / 'test'}", f"models={listed}", f"tracking.uri={_uri(cfg)}"]
@@ -126,7 +126,7 @@ def _plan_evaluate(cfg: PipelineConfig, data: Path, models: dict[str, Path]) -> 
 
 def plan(cfg: PipelineConfig) -> Plan:
     """Resolve each stage's config from its profile, the overrides and the upstream stage's output paths."""
-    from hscr_platform.train import run_name
+    from hscr_platform.training.job import run_name
 
     synthmed, data, sft, base = _plan_data(cfg)
     generate = _plan_generate(cfg, data, base)
@@ -142,7 +142,7 @@ def plan(cfg: PipelineConfig) -> Plan:
 
 def run_synthmed(stages: Plan) -> Path:
     """Generate SynthMed into <root>/synthmed/<hash of the world's config>, unless it is already there."""
-    from hscr_platform.synthmed import run as synthmed_run
+    from hscr_platform.data.synthmed.job import run as synthmed_run
 
     out = stages.synthmed_dir
     if is_complete(out):
@@ -155,10 +155,10 @@ def run_synthmed(stages: Plan) -> Path:
 
 def run_stages(stages: Plan) -> dict[str, Any]:
     """Every stage in order (each job skips itself when its outputs are complete for the same config)."""
-    from hscr_platform.evaluate_job import run as evaluate_run
-    from hscr_platform.generate import run as generate_run
-    from hscr_platform.sft import run as sft_run
-    from hscr_platform.train import run as train_run
+    from hscr_platform.evaluation.job import run as evaluate_run
+    from hscr_platform.generation.job import run as generate_run
+    from hscr_platform.training.job import run as train_run
+    from hscr_platform.training.sft import run as sft_run
 
     results: dict[str, Any] = {"synthmed": str(run_synthmed(stages))}
     results["sft"] = dict(sft_run(stages.sft))

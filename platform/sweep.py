@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hscr_platform.config import ConfigError, config_hash, load_config, save_config
-from hscr_platform.runtime import RayConfig
-from hscr_platform.tracking import TrackingConfig
+from hscr_platform.core.config import ConfigError, config_hash, load_config, save_config
+from hscr_platform.core.runtime import RayConfig
+from hscr_platform.core.tracking import TrackingConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +112,7 @@ def trial_overrides(cfg: SweepJobConfig, params: dict[str, Any]) -> list[str]:
 
 def train_config(cfg: SweepJobConfig, params: dict[str, Any]) -> Any:
     """The trial's TrainJobConfig: the profile + the sweep's overrides + the sampled values."""
-    from hscr_platform.train import TrainJobConfig
+    from hscr_platform.training.job import TrainJobConfig
 
     return load_config(TrainJobConfig, cfg.train_profile, trial_overrides(cfg, params))
 
@@ -182,8 +182,8 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
 
     os.chdir(cwd)
 
-    from hscr_platform.evaluation import evaluate_folder
-    from hscr_platform.train import run as train_run
+    from hscr_platform.models.answering import evaluate_folder
+    from hscr_platform.training.job import run as train_run
 
     base = train_config(sweep, params)
     name = f"{sweep.name}-trial-{config_hash(base)}"
@@ -268,8 +268,8 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
     """Validate the space, open the parent run, run the trials, write the best config."""
     import json
 
-    from hscr_platform.runtime import init_ray
-    from hscr_platform.tracking import end_run, log_artifacts, log_config, start_run, tracking_uri
+    from hscr_platform.core.runtime import init_ray
+    from hscr_platform.core.tracking import end_run, log_artifacts, log_config, start_run, tracking_uri
 
     check_space(cfg)  # before any Ray work
     out = Path(cfg.output_root) / "sweep" / f"{cfg.name}-{config_hash(cfg)}"

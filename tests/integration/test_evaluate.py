@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hscr_platform.cli import job_main
-from hscr_platform.config import load_config
-from hscr_platform.evaluate_job import EvaluateJobConfig, passes, run
+from hscr_platform.core.cli import job_main
+from hscr_platform.core.config import load_config
+from hscr_platform.evaluation.job import EvaluateJobConfig, passes, run
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "evaluate" / "tiny.yaml"
@@ -112,7 +112,7 @@ def test_non_vlm_model_exits_2_before_ray(tmp_path, synth_test, tiny_model_dir, 
     text_only.mkdir()
     (text_only / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     (text_only / "model.safetensors").write_bytes(b"")
-    import hscr_platform.evaluate_job as job
+    import hscr_platform.evaluation.job as job
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")

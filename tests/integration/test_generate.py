@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hscr_platform.config import load_config
-from hscr_platform.generate import GenerateJobConfig, run
-from hscr_platform.io import read_table
-from hscr_platform.schema import PREFERENCE_SCHEMA, REJECT_SCHEMA, SAMPLE_SCHEMA
+from hscr_platform.core.config import load_config
+from hscr_platform.core.io import read_table
+from hscr_platform.data.schema import PREFERENCE_SCHEMA, REJECT_SCHEMA, SAMPLE_SCHEMA
+from hscr_platform.generation.job import GenerateJobConfig, run
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

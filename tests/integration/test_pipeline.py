@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hscr_platform.models import ModelConfig, load_vlm
+from hscr_platform.models.loading import ModelConfig, load_vlm
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

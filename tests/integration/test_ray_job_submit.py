@@ -1,6 +1,6 @@
 """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m jobs.<name>`, for real.
 
-A private Ray head (hscr_platform.ray_local: free ports, its own temp dir, token auth off) stands in for the
+A private Ray head (hscr_platform.core.ray_local: free ports, its own temp dir, token auth off) stands in for the
 cluster; the tiny pipeline is submitted exactly as the cluster README submits the base one, and only that head
 is stopped afterwards (never `ray stop`, which would stop every Ray cluster on the machine).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from hscr_platform.ray_local import HeadInfo, client_env, head_processes, start_local_head, stop_head
+from hscr_platform.core.ray_local import HeadInfo, client_env, head_processes, start_local_head, stop_head
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -75,9 +75,9 @@ def wait(head: HeadInfo, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple
 
 def test_submitted_job_runs_the_uploaded_checkout_with_the_installed_package(head):
     probe = (
-        "import json, os, platform, hscr, hscr_platform.cli, jobs; print('PROBE', json.dumps({"
+        "import json, os, platform, hscr, hscr_platform.core.cli, jobs; print('PROBE', json.dumps({"
         "'cwd': os.getcwd(), 'entries': sorted(os.listdir('.')), 'platform': platform.__file__,"
-        "'hscr_platform': hscr_platform.cli.__file__, 'jobs': jobs.__file__, 'hscr': hscr.__file__,"
+        "'hscr_platform': hscr_platform.core.cli.__file__, 'jobs': jobs.__file__, 'hscr': hscr.__file__,"
         "'offline': os.environ.get('HF_HUB_OFFLINE'), 'omp': os.environ.get('OMP_WAIT_POLICY')}))"
     )
     job_id = submit(head, "python", "-c", probe)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir, tmp_path_factory):
-    from hscr_platform.pref_data import toy_preference_rows, write_preference_shards
+    from hscr_platform.training.toy_prefs import toy_preference_rows, write_preference_shards
 
     root = tmp_path_factory.mktemp("sweep")
     shards = write_preference_shards(toy_preference_rows(tiny_model_dir, 24, seed=2), root / "pref")
@@ -55,8 +55,8 @@ def test_four_trials_with_scores_and_a_best_config(swept):
 
 
 def test_best_config_loads_as_a_train_config(swept):
-    from hscr_platform.config import load_config
-    from hscr_platform.train import TrainJobConfig
+    from hscr_platform.core.config import load_config
+    from hscr_platform.training.job import TrainJobConfig
 
     _, out, _ = swept
     cfg = load_config(TrainJobConfig, out / "best.yaml")

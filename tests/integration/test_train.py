@@ -18,7 +18,7 @@ STEPS = 4  # global batch 8 = 2 × 2 workers × 2 accumulation; 43 rows -> 5 ste
 
 @pytest.fixture(scope="module")
 def toy_rows(tiny_model_dir):
-    from hscr_platform.pref_data import toy_preference_rows
+    from hscr_platform.training.toy_prefs import toy_preference_rows
 
     rows = toy_preference_rows(tiny_model_dir, 40, seed=1)
     for row in rows[::5]:
@@ -28,7 +28,7 @@ def toy_rows(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def shards(toy_rows, tmp_path_factory):
-    from hscr_platform.pref_data import write_preference_shards
+    from hscr_platform.training.toy_prefs import write_preference_shards
 
     good = toy_rows[3]
     bad = [
@@ -43,8 +43,8 @@ def shards(toy_rows, tmp_path_factory):
 def _cfg(tiny_model_dir, shards, root, *overrides: str):
     from pathlib import Path
 
-    from hscr_platform.config import load_config
-    from hscr_platform.train import TrainJobConfig
+    from hscr_platform.core.config import load_config
+    from hscr_platform.training.job import TrainJobConfig
 
     tiny = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train" / "tiny.yaml"
     base = [
@@ -72,7 +72,7 @@ def _losses(client, run_id):
 @pytest.fixture(scope="module")
 def zero2_resumed(ray_local, tiny_model_dir, shards, tmp_path_factory):
     """ZeRO-2, stopped after 2 steps (as if killed), then the same command again: it resumes."""
-    from hscr_platform.train import run
+    from hscr_platform.training.job import run
 
     root = tmp_path_factory.mktemp("runs")
     stopped = run(_cfg(tiny_model_dir, shards, root, "output.name=z2", "schedule.stop_after_steps=2"))
@@ -118,7 +118,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(zero2_resumed):
 def test_output_folder_loads_and_differs_from_the_start(zero2_resumed, tiny_model_dir):
     import torch
 
-    from hscr_platform.models import ModelConfig, load_vlm
+    from hscr_platform.models.loading import ModelConfig, load_vlm
 
     summary = zero2_resumed[3]
     trained, _ = load_vlm(ModelConfig(path=summary["model"]))
@@ -128,7 +128,7 @@ def test_output_folder_loads_and_differs_from_the_start(zero2_resumed, tiny_mode
 
 
 def test_zero3_uninterrupted_matches_zero2_resumed(zero2_resumed, tiny_model_dir, shards):
-    from hscr_platform.train import run
+    from hscr_platform.training.job import run
 
     root, run_id, _, _ = zero2_resumed
     run(_cfg(tiny_model_dir, shards, root, "output.name=z3", "deepspeed.stage=3"))
@@ -138,8 +138,8 @@ def test_zero3_uninterrupted_matches_zero2_resumed(zero2_resumed, tiny_model_dir
 
 
 def test_lora_nan_loss_stops_at_the_last_good_checkpoint(ray_local, tiny_model_dir, toy_rows, tmp_path):
-    from hscr_platform.pref_data import write_preference_shards
-    from hscr_platform.train import run
+    from hscr_platform.training.job import run
+    from hscr_platform.training.toy_prefs import write_preference_shards
 
     rows = [dict(r) for r in toy_rows]
     rows[9]["ref_logps"] = [float("nan")] * len(rows[9]["ref_logps"])  # position 9: step 1

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hscr_platform.config import load_config
+from hscr_platform.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

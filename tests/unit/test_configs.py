@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from hscr_platform.config import ConfigError, config_hash, flatten, load_config, parse_override, save_config
+from hscr_platform.core.config import ConfigError, config_hash, flatten, load_config, parse_override, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,13 +92,13 @@ def test_round_trip_hash_and_flatten(tmp_path):
 
 # jobs/configs/<job>/<profile>.yaml -> the job's config class (module, class name).
 JOB_CONFIGS = {
-    "synthmed": ("hscr_platform.synthmed", "SynthMedJobConfig"),
-    "ingest": ("hscr_platform.ingest", "IngestJobConfig"),
-    "sft": ("hscr_platform.sft", "SftJobConfig"),
-    "train": ("hscr_platform.train", "TrainJobConfig"),
-    "generate": ("hscr_platform.generate", "GenerateJobConfig"),
+    "synthmed": ("hscr_platform.data.synthmed.job", "SynthMedJobConfig"),
+    "ingest": ("hscr_platform.data.ingest", "IngestJobConfig"),
+    "sft": ("hscr_platform.training.sft", "SftJobConfig"),
+    "train": ("hscr_platform.training.job", "TrainJobConfig"),
+    "generate": ("hscr_platform.generation.job", "GenerateJobConfig"),
     "pipeline": ("hscr_platform.pipeline", "PipelineConfig"),
-    "evaluate": ("hscr_platform.evaluate_job", "EvaluateJobConfig"),
+    "evaluate": ("hscr_platform.evaluation.job", "EvaluateJobConfig"),
     "sweep": ("hscr_platform.sweep", "SweepJobConfig"),
 }
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hscr_platform.decoding import ContinuationRequest
-from hscr_platform.engines_hf import HFDecoder, group_requests
-from hscr_platform.models import ModelConfig, load_vlm, prompt_text
+from hscr_platform.models.engines.decoding import ContinuationRequest
+from hscr_platform.models.engines.hf import HFDecoder, group_requests
+from hscr_platform.models.loading import ModelConfig, load_vlm, prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_stops_at_eos(setup):
 
 
 def test_scored_continuations_carry_the_reference_logprobs(setup):
-    from hscr_platform.logprobs import encode_prefixes, shared_prefix_logps
+    from hscr_platform.models.logprobs import encode_prefixes, shared_prefix_logps
 
     model, processor, images = setup
     requests = [r for r in _requests(processor, images) if r.forced or r.max_new_tokens]

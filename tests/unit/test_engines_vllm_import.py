@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hscr_platform.config import ConfigError, from_dict
-from hscr_platform.engines_vllm import (
+from hscr_platform.core.config import ConfigError, from_dict
+from hscr_platform.models.engines.vllm import (
     INSTALL_HINT,
     VllmConfig,
     VllmDecoder,
@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_importing_the_module_imports_neither_vllm_nor_torch():
     code = (
-        "import sys, hscr_platform.engines_vllm;"
+        "import sys, hscr_platform.models.engines.vllm;"
         "print(','.join(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"importing hscr_platform.engines_vllm loaded: {out.stdout.strip()}"
+    assert out.stdout.strip() == "", f"importing hscr_platform.models.engines.vllm loaded: {out.stdout.strip()}"
 
 
 def test_building_the_decoder_without_vllm_says_what_to_install(monkeypatch, tmp_path):
@@ -57,7 +57,7 @@ def test_tower_rename_copy_loads_in_transformers_with_the_same_outputs(tiny_mode
     import torch
     from safetensors import safe_open
 
-    from hscr_platform.models import ModelConfig, load_vlm
+    from hscr_platform.models.loading import ModelConfig, load_vlm
 
     assert needs_tower_rename(tiny_model_dir)  # transformers 5 writes vision_tower.embeddings...
     copy = vllm_model_folder(tiny_model_dir, out_dir=tmp_path / "renamed")

@@ -1,4 +1,4 @@
-"""Evaluation metrics (platform/eval_metrics.py) against hand-computed numbers."""
+"""Evaluation metrics (platform/evaluation/metrics.py) against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hscr_platform.eval_metrics import (
+from hscr_platform.evaluation.metrics import (
     bleu,
     finding_claims,
     group_scores,

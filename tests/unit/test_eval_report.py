@@ -1,11 +1,11 @@
-"""The evaluation report (platform/eval_report.py): markdown tables, MLflow metric names, files and plots."""
+"""The evaluation report (platform/evaluation/report.py): markdown tables, MLflow metric names, files and plots."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from hscr_platform.eval_report import (
+from hscr_platform.evaluation.report import (
     flat_metrics,
     fmt,
     main_table,

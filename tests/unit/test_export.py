@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hscr_platform.export import ExportJobConfig, image_name, preference_pairs, run
-from hscr_platform.io import ShardWriter, read_table
-from hscr_platform.schema import PREFERENCE_SCHEMA
+from hscr_platform.core.io import ShardWriter, read_table
+from hscr_platform.data.export import ExportJobConfig, image_name, preference_pairs, run
+from hscr_platform.data.schema import PREFERENCE_SCHEMA
 
 
 def _png() -> bytes:

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hscr_platform.config import ConfigError, load_config
-from hscr_platform.ingest import IngestJobConfig
-from hscr_platform.io import read_table
-from hscr_platform.samples import ImageError, decode_image, validate_sample
-from hscr_platform.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, sample_row
+from hscr_platform.core.config import ConfigError, load_config
+from hscr_platform.core.io import read_table
+from hscr_platform.data.ingest import IngestJobConfig
+from hscr_platform.data.samples import ImageError, decode_image, validate_sample
+from hscr_platform.data.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, sample_row
 from jobs.ingest import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hscr_platform.logprobs import (
+from hscr_platform.models.loading import ModelConfig, load_vlm
+from hscr_platform.models.logprobs import (
     drop_features,
     encode_prefixes,
     features_as_encoder_outputs,
@@ -15,7 +16,6 @@ from hscr_platform.logprobs import (
     separate_logps,
     shared_prefix_logps,
 )
-from hscr_platform.models import ModelConfig, load_vlm
 
 
 @pytest.fixture(scope="module")

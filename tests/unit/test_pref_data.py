@@ -8,19 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hscr_platform.pref_data import (
-    PrefDataConfig,
-    Skip,
-    SkipLog,
-    Slicing,
-    as_matrix,
-    collate,
-    dataset_layout,
-    iter_micro_batches,
-    iter_worker_rows,
-    to_example,
-    write_preference_shards,
-)
+from hscr_platform.training.pref_data import PrefDataConfig, Skip, SkipLog, as_matrix, collate, to_example
+from hscr_platform.training.pref_stream import Slicing, dataset_layout, iter_micro_batches, iter_worker_rows
+from hscr_platform.training.toy_prefs import write_preference_shards
 
 FP = "fingerprint-1"
 
@@ -90,7 +80,7 @@ def test_skip_log_counts_every_reason_and_prints_a_few(capsys):
 
 @pytest.fixture(scope="module")
 def processor(tiny_model_dir):
-    from hscr_platform.models import ModelConfig, load_vlm
+    from hscr_platform.models.loading import ModelConfig, load_vlm
 
     return load_vlm(ModelConfig(path=str(tiny_model_dir)))[1]
 

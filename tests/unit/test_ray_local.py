@@ -1,4 +1,4 @@
-"""hscr_platform.ray_local without starting Ray: ports, the command line, the environment, process matching.
+"""hscr_platform.core.ray_local without starting Ray: ports, the command line, the environment, process matching.
 
 Starting and stopping a real head is in tests/integration/test_ray_job_submit.py.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hscr_platform import ray_local
+from hscr_platform.core import ray_local
 
 
 def test_free_ports_are_distinct_and_bindable():

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hscr_platform.readers import READERS, ColumnMap, SourceConfig, read_source
-from hscr_platform.readers.llava_med import read_llava_med
-from hscr_platform.readers.pathvqa import read_pathvqa
-from hscr_platform.readers.slake import read_slake
-from hscr_platform.readers.tabular import read_jsonl, read_parquet
-from hscr_platform.readers.vqa_rad import read_vqa_rad, read_vqa_rad_mevf
-from hscr_platform.samples import Reject
+from hscr_platform.data.readers import READERS, ColumnMap, SourceConfig, read_source
+from hscr_platform.data.readers.llava_med import read_llava_med
+from hscr_platform.data.readers.pathvqa import read_pathvqa
+from hscr_platform.data.readers.slake import read_slake
+from hscr_platform.data.readers.tabular import read_jsonl, read_parquet
+from hscr_platform.data.readers.vqa_rad import read_vqa_rad, read_vqa_rad_mevf
+from hscr_platform.data.samples import Reject
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real_samples"
 needs_real = pytest.mark.skipif(

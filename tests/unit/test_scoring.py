@@ -9,14 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hscr_platform.logprobs import (
-    encode_prefixes,
-    features_as_encoder_outputs,
-    image_features,
-    shared_prefix_logps,
-)
-from hscr_platform.models import ModelConfig, load_vlm
-from hscr_platform.scoring import (
+from hscr_platform.generation.scoring import (
     ExcludedTokens,
     HscrConfig,
     dropped_view,
@@ -26,6 +19,13 @@ from hscr_platform.scoring import (
     response_token_ids,
     score_example,
     two_view_logits,
+)
+from hscr_platform.models.loading import ModelConfig, load_vlm
+from hscr_platform.models.logprobs import (
+    encode_prefixes,
+    features_as_encoder_outputs,
+    image_features,
+    shared_prefix_logps,
 )
 
 QUESTIONS = ["is there a nodule?", "describe the image."]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hscr_platform.similarity import (
+from hscr_platform.generation.similarity import (
     EmbeddingSimilarity,
     LexicalSimilarity,
     SimilarityConfig,

@@ -13,24 +13,24 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hscr_platform.config import ConfigError, load_config
-from hscr_platform.io import read_table, shard_files
-from hscr_platform.schema import ANSWER_TYPES, SAMPLE_SCHEMA
-from hscr_platform.synthmed import (
+from hscr_platform.core.config import ConfigError, load_config
+from hscr_platform.core.io import read_table, shard_files
+from hscr_platform.data.schema import ANSWER_TYPES, SAMPLE_SCHEMA
+from hscr_platform.data.synthmed.job import (
     SynthMedConfig,
     SynthMedJobConfig,
     generate_dataset,
     generate_split,
     image_samples,
 )
-from hscr_platform.synthmed_questions import (
+from hscr_platform.data.synthmed.questions import (
     NUMBER,
     PLURAL,
     QUESTION_TYPES,
     questions_for_scene,
     report_sentence,
 )
-from hscr_platform.synthmed_render import (
+from hscr_platform.data.synthmed.render import (
     KINDS,
     MODALITIES,
     MODALITY_NAME,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hscr_platform.tracking import (
+from hscr_platform.core.tracking import (
     TrackingConfig,
     end_run,
     find_run,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hscr_platform.config import ConfigError, load_config
-from hscr_platform.train import BatchConfig, TrainJobConfig, batch_plan, identity, run_name
+from hscr_platform.core.config import ConfigError, load_config
+from hscr_platform.training.job import BatchConfig, TrainJobConfig, batch_plan, identity, run_name
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "train" / "tiny.yaml"
@@ -89,7 +89,7 @@ def test_a_run_name_is_bound_to_one_config_and_one_live_driver(tmp_path):
     import os
     import socket
 
-    from hscr_platform.train import claim
+    from hscr_platform.training.job import claim
 
     run_dir = tmp_path / "train" / "r"
     with claim(_cfg(), run_dir):
@@ -105,7 +105,7 @@ def test_a_run_name_is_bound_to_one_config_and_one_live_driver(tmp_path):
 
 
 def test_importing_the_job_config_is_light():
-    code = "import sys, hscr_platform.train; print(','.join(m for m in ('ray', 'deepspeed', 'mlflow', 'transformers', 'peft') if m in sys.modules))"  # noqa: E501
+    code = "import sys, hscr_platform.training.job; print(','.join(m for m in ('ray', 'deepspeed', 'mlflow', 'transformers', 'peft') if m in sys.modules))"  # noqa: E501
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -114,7 +114,7 @@ def test_importing_the_job_config_is_light():
 
 
 def test_pair_weights_by_name():
-    from hscr_platform.train_loop import pair_weights
+    from hscr_platform.training.loop import pair_weights
 
     def w(name: str, **kw) -> list[list[float]]:
         return pair_weights(dataclasses.replace(_cfg().loss, weights=name, **kw), 4).tolist()
@@ -131,7 +131,7 @@ def test_pair_weights_by_name():
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    from hscr_platform.train_loop import lr_at
+    from hscr_platform.training.loop import lr_at
 
     lrs = [lr_at(s, base_lr=1.0, warmup=2, total=10, min_ratio=0.1) for s in range(12)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
@@ -139,7 +139,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_micro_loss_mean_is_over_the_nominal_micro_batch():
-    from hscr_platform.train_loop import micro_loss
+    from hscr_platform.training.loop import micro_loss
 
     per_example = torch.tensor([1.0, 3.0])  # a third row was skipped
     assert micro_loss(per_example, reduction="mean", nominal=3).item() == pytest.approx(4 / 3)
@@ -147,7 +147,7 @@ def test_micro_loss_mean_is_over_the_nominal_micro_batch():
 
 
 def test_deepspeed_config_matches_the_batch_plan(monkeypatch):
-    from hscr_platform.deepspeed_cfg import deepspeed_config, worker_env
+    from hscr_platform.training.ds_config import deepspeed_config, worker_env
 
     ds = deepspeed_config(stage=3, offload=True, micro=2, accum=4, global_batch=16, lr=1e-4, weight_decay=0.0,
                           grad_clip=1.0, bf16=True)  # fmt: skip
@@ -194,8 +194,10 @@ class _PlainEngine:
 
 @pytest.fixture(scope="module")
 def step_setup(tiny_model_dir):
-    from hscr_platform.pref_data import to_example, toy_preference_rows
-    from hscr_platform.train_loop import Reference, StepContext, load_policy, pair_weights
+    from hscr_platform.training.loop import StepContext, pair_weights
+    from hscr_platform.training.policy import Reference, load_policy
+    from hscr_platform.training.pref_data import to_example
+    from hscr_platform.training.toy_prefs import toy_preference_rows
 
     cfg = _cfg(f"policy.path={tiny_model_dir}")
     model, processor = load_policy(cfg)
@@ -205,7 +207,7 @@ def step_setup(tiny_model_dir):
     rows = toy_preference_rows(tiny_model_dir, 4, seed=3)
 
     def examples(*changes: dict):
-        from hscr_platform.logprobs import model_fingerprint
+        from hscr_platform.models.logprobs import model_fingerprint
 
         fp = model_fingerprint(tiny_model_dir)
         return [
@@ -225,14 +227,14 @@ def step_setup(tiny_model_dir):
 def _prepared(processor, examples):
     from collections import Counter
 
-    from hscr_platform.pref_data import Prepared, collate
+    from hscr_platform.training.pref_data import Prepared, collate
 
     recomputed = Counter(r.ref_status for r in examples if r.ref_logps is None)
     return Prepared(collate(examples, processor, num_levels=4), Counter(), recomputed)
 
 
 def test_step_record_with_stored_and_recomputed_references(step_setup):
-    from hscr_platform.train_loop import train_step
+    from hscr_platform.training.loop import train_step
 
     ctx, processor, examples = step_setup
     batch = _prepared(processor, examples({}, {"ref_fingerprint": "stale"}))
@@ -245,7 +247,7 @@ def test_step_record_with_stored_and_recomputed_references(step_setup):
 
 
 def test_a_nan_loss_stops_with_the_step_and_example_ids(step_setup):
-    from hscr_platform.train_loop import NonFinite, train_step
+    from hscr_platform.training.loop import NonFinite, train_step
 
     ctx, processor, examples = step_setup
     batch = _prepared(processor, examples({}, {"ref_logps": [float("nan")] * 4}))
@@ -254,8 +256,9 @@ def test_a_nan_loss_stops_with_the_step_and_example_ids(step_setup):
 
 
 def test_lora_export_merges_into_a_folder_load_vlm_reads(tiny_model_dir, tmp_path):
-    from hscr_platform.models import ModelConfig, load_vlm
-    from hscr_platform.train_loop import export_model, load_policy
+    from hscr_platform.models.loading import ModelConfig, load_vlm
+    from hscr_platform.training.checkpoints import export_model
+    from hscr_platform.training.policy import load_policy
 
     cfg = _cfg(f"policy.path={tiny_model_dir}", "policy.lora.enabled=true", "policy.lora.r=4")
     model, processor = load_policy(cfg)

