@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hscr_platform.core.cli import job_main
-from hscr_platform.training.job import TrainJobConfig, run
+from hscr_platform.training.job import run
+from hscr_platform.training.train_config import TrainJobConfig
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

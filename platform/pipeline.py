@@ -107,7 +107,7 @@ def _plan_generate(cfg: PipelineConfig, data: Path, base: Path) -> Any:
 
 
 def _plan_train(cfg: PipelineConfig, prefs: Path, base: Path, stage: str, extra: Sequence[str]) -> Any:
-    from hscr_platform.training.job import TrainJobConfig
+    from hscr_platform.training.train_config import TrainJobConfig
 
     paths = [f"data.path={prefs}", f"policy.path={base}", f"output.root={cfg.root}", "output.name=null",
              f"tracking.uri={_uri(cfg)}", *extra]  # fmt: skip
@@ -126,7 +126,7 @@ def _plan_evaluate(cfg: PipelineConfig, data: Path, models: dict[str, Path]) -> 
 
 def plan(cfg: PipelineConfig) -> Plan:
     """Resolve each stage's config from its profile, the overrides and the upstream stage's output paths."""
-    from hscr_platform.training.job import run_name
+    from hscr_platform.training.train_config import run_name
 
     synthmed, data, sft, base = _plan_data(cfg)
     generate = _plan_generate(cfg, data, base)

@@ -112,7 +112,7 @@ def trial_overrides(cfg: SweepJobConfig, params: dict[str, Any]) -> list[str]:
 
 def train_config(cfg: SweepJobConfig, params: dict[str, Any]) -> Any:
     """The trial's TrainJobConfig: the profile + the sweep's overrides + the sampled values."""
-    from hscr_platform.training.job import TrainJobConfig
+    from hscr_platform.training.train_config import TrainJobConfig
 
     return load_config(TrainJobConfig, cfg.train_profile, trial_overrides(cfg, params))
 

@@ -249,7 +249,7 @@ def _setup(cfg: Any) -> tuple[int, int, torch.device]:
 def worker_loop(payload: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker: restore, train ``plan.total_steps`` steps, export the model."""
     from hscr_platform.training.ds_config import build_engine, deepspeed_config
-    from hscr_platform.training.job import batch_plan
+    from hscr_platform.training.train_config import batch_plan
 
     cfg, plan = payload["cfg"], payload["plan"]
     rank, world, device = _setup(cfg)

@@ -56,7 +56,7 @@ def test_four_trials_with_scores_and_a_best_config(swept):
 
 def test_best_config_loads_as_a_train_config(swept):
     from hscr_platform.core.config import load_config
-    from hscr_platform.training.job import TrainJobConfig
+    from hscr_platform.training.train_config import TrainJobConfig
 
     _, out, _ = swept
     cfg = load_config(TrainJobConfig, out / "best.yaml")

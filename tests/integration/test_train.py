@@ -44,7 +44,7 @@ def _cfg(tiny_model_dir, shards, root, *overrides: str):
     from pathlib import Path
 
     from hscr_platform.core.config import load_config
-    from hscr_platform.training.job import TrainJobConfig
+    from hscr_platform.training.train_config import TrainJobConfig
 
     tiny = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train" / "tiny.yaml"
     base = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hscr_platform.core.config import ConfigError, load_config
-from hscr_platform.training.job import BatchConfig, TrainJobConfig, batch_plan, identity, run_name
+from hscr_platform.training.train_config import BatchConfig, TrainJobConfig, batch_plan, identity, run_name
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "train" / "tiny.yaml"
