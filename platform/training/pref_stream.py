@@ -1,17 +1,23 @@
-"""The deterministic preference stream of training.
+"""The deterministic preference stream of training, each worker reading only its own share of the shards.
 
     epoch order   files in a seeded order, each cut into windows of ``shuffle_window`` rows, rows shuffled
-                  inside a window (memory is bounded by one window, never by the dataset)
-    positions     row ``p`` of an epoch belongs to micro-round ``p // micro`` and to worker
-                  ``(p // micro) % world``; step ``s`` covers positions ``[s·G, (s+1)·G)`` (G = global batch)
+                  inside a window: positions ``0 .. total-1`` of the epoch (metadata decides, no row is read)
+    slots         the first ``G · L`` positions (G = global batch, L = steps per epoch = total // G) are cut
+                  into G contiguous slots of L positions; slot ``j`` holds positions ``[j·L, (j+1)·L)``
+    steps         step ``s`` takes position ``j·L + s`` of every slot ``j``: G rows from G far-apart places
+    workers       worker ``r`` of N owns the G/N consecutive slots ``[r·G/N, (r+1)·G/N)``, i.e. one contiguous
+                  1/N of the epoch order, so it opens only the shards of its own share (bytes read ≈ 1/N);
+                  its micro-batches are its slots in order, ``micro`` at a time
 
-so a resumed run restarts at exactly ``step · G`` without replaying anything, and the global batch of a step does
-not depend on how it is split over workers and accumulation.
+so the global batch of a step is the same set of rows whatever the worker / accumulation split (G is fixed), a
+resumed run restarts every slot at offset ``step`` without replaying anything, and a worker holds one window
+per slot it owns (``micro · accum`` windows) in memory. ``ReadCounter`` counts the bytes actually read from the
+shard files (what the benchmarks report per worker).
 """
 
 from __future__ import annotations
 
-import itertools
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +30,7 @@ import pyarrow.parquet as pq
 from hscr_platform.core.io import shard_files
 from hscr_platform.training.pref_data import COLUMNS, PrefDataConfig
 
-# --- the stream -------------------------------------------------------------------------------------
+# --- layout and epoch order ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -66,49 +72,102 @@ def _windows(num_rows: int, window: int) -> list[tuple[int, int]]:
     return [(start, min(start + window, num_rows)) for start in range(0, num_rows, window)]
 
 
-def _read_windows(path: str, bounds: list[tuple[int, int]], columns: list[str]) -> Iterator[pa.Table]:
-    """Consecutive row ranges of a file as pyarrow tables (whatever the file's row groups are)."""
-    batches = pq.ParquetFile(path).iter_batches(batch_size=bounds[0][1] - bounds[0][0], columns=columns)
-    pending: pa.Table | None = None
-    for start, stop in bounds:
-        while pending is None or pending.num_rows < stop - start:
-            more = pa.Table.from_batches([next(batches)])
-            pending = more if pending is None else pa.concat_tables([pending, more])
-        yield pending.slice(0, stop - start)
-        pending = pending.slice(stop - start)
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+class ReadCounter:
+    """Bytes read from shard files, and how many times a file was opened."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.opens = 0
+
+
+class _CountingFile(io.FileIO):
+    """A read-only file that adds every byte pyarrow reads from it to a :class:`ReadCounter`."""
+
+    def __init__(self, path: str, counter: ReadCounter):
+        super().__init__(path, "rb")
+        self.counter = counter
+        counter.opens += 1
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.counter.bytes += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer) or 0
+        self.counter.bytes += n
+        return n
+
+
+def _read_windows(path: str, bounds: list[tuple[int, int]], first: int, counter: ReadCounter | None
+                  ) -> Iterator[pa.Table]:  # fmt: skip
+    """Windows ``bounds[first:]`` of a file as pyarrow tables (the rows before them are read and dropped)."""
+    with _CountingFile(path, counter or ReadCounter()) as source, pq.ParquetFile(source) as parquet:
+        batches = parquet.iter_batches(batch_size=bounds[0][1] - bounds[0][0], columns=COLUMNS)
+        pending: pa.Table | None = None
+        for k, (start, stop) in enumerate(bounds):
+            while pending is None or pending.num_rows < stop - start:
+                more = pa.Table.from_batches([next(batches)])
+                pending = more if pending is None else pa.concat_tables([pending, more])
+            if k >= first:
+                yield pending.slice(0, stop - start)
+            pending = pending.slice(stop - start)
+
+
+def iter_positions(layout: Layout, cfg: PrefDataConfig, *, epoch: int, seed: int, start: int, stop: int,
+                   counter: ReadCounter | None = None) -> Iterator[tuple[int, dict[str, Any]]]:  # fmt: skip
+    """(position, row) for ``start <= position < stop`` in position order, opening only the files that
+    hold those positions and holding one window at a time."""
+    pos = 0
+    for f in file_order(layout, epoch=epoch, seed=seed, shuffle=cfg.shuffle):
+        n_file = layout.rows[f]
+        if pos + n_file <= start or pos >= stop:  # never opened
+            pos += n_file
+            continue
+        bounds = _windows(n_file, cfg.shuffle_window)
+        first = next(k for k, (_, hi) in enumerate(bounds) if pos + hi > start)
+        pos += bounds[first][0]
+        for (lo, hi), table in zip(bounds[first:], _read_windows(layout.files[f], bounds, first, counter),
+                                   strict=False):  # fmt: skip
+            n = hi - lo
+            order = _rng(seed, epoch, f, lo).permutation(n) if cfg.shuffle else np.arange(n)
+            wanted = [i for i in range(n) if start <= pos + i < stop]
+            yield from zip((pos + i for i in wanted), table.take(order[wanted]).to_pylist(), strict=True)
+            pos += n
+            if pos >= stop:
+                return
+
+
+# --- slots and workers --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Slicing:
-    """Which positions a worker reads: micro-round ``p // micro`` goes to worker ``round % world``."""
+    """Which slots a worker owns: ``slots_per_worker`` consecutive ones, read ``micro`` at a time."""
 
     rank: int
     world: int
     micro: int
 
-    def owns(self, pos: int) -> bool:
-        return (pos // self.micro) % self.world == self.rank
+    def slots(self, global_batch: int) -> range:
+        if global_batch % (self.world * self.micro):
+            raise ValueError(f"global batch {global_batch} is not a multiple of world {self.world} × micro "
+                             f"{self.micro}")  # fmt: skip
+        per_worker = global_batch // self.world
+        return range(self.rank * per_worker, (self.rank + 1) * per_worker)
 
 
-def iter_worker_rows(
-    layout: Layout, cfg: PrefDataConfig, part: Slicing, *, epoch: int, seed: int, start: int, stop: int
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(position, row) of this worker's rows with ``start <= position < stop``, in position order."""
-    pos = 0
-    for f in file_order(layout, epoch=epoch, seed=seed, shuffle=cfg.shuffle):
-        bounds = _windows(layout.rows[f], cfg.shuffle_window)
-        if pos + layout.rows[f] <= start or pos >= stop:  # skipped without reading the file
-            pos += layout.rows[f]
-            continue
-        for (lo, hi), table in zip(bounds, _read_windows(layout.files[f], bounds, COLUMNS), strict=False):
-            n = hi - lo
-            order = _rng(seed, epoch, f, lo).permutation(n) if cfg.shuffle else np.arange(n)
-            mine = [i for i in range(n) if start <= pos + i < stop and part.owns(pos + i)]
-            rows = table.take(order[mine]).to_pylist() if mine else []
-            yield from zip((pos + i for i in mine), rows, strict=True)
-            pos += n
-            if pos >= stop:
-                return
+def slot_range(slot: int, *, steps_per_epoch: int) -> tuple[int, int]:
+    """Epoch positions ``[start, stop)`` of a slot."""
+    return slot * steps_per_epoch, (slot + 1) * steps_per_epoch
+
+
+def step_positions(step: int, *, global_batch: int, steps_per_epoch: int) -> list[int]:
+    """The epoch positions of step ``step`` (within its epoch), slot by slot: what every split agrees on."""
+    return [slot * steps_per_epoch + step for slot in range(global_batch)]
 
 
 def iter_micro_batches(
@@ -120,12 +179,19 @@ def iter_micro_batches(
     start_step: int,
     steps_per_epoch: int,
     global_batch: int,
+    counter: ReadCounter | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """This worker's micro-batches (``micro`` raw rows each) from ``start_step`` on, epoch after epoch."""
+    slots = part.slots(global_batch)
     epoch, offset = divmod(start_step, steps_per_epoch)
     while True:
-        rows = iter_worker_rows(layout, cfg, part, epoch=epoch, seed=seed, start=offset * global_batch,
-                                stop=steps_per_epoch * global_batch)  # fmt: skip
-        while chunk := [row for _, row in itertools.islice(rows, part.micro)]:
-            yield chunk
+        streams = []
+        for slot in slots:
+            lo, hi = slot_range(slot, steps_per_epoch=steps_per_epoch)
+            streams.append(iter_positions(layout, cfg, epoch=epoch, seed=seed, start=lo + offset, stop=hi,
+                                          counter=counter))  # fmt: skip
+        for _ in range(offset, steps_per_epoch):
+            rows = [next(stream)[1] for stream in streams]  # one row per owned slot, slot order
+            for k in range(0, len(rows), part.micro):
+                yield rows[k : k + part.micro]
         epoch, offset = epoch + 1, 0

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
 from PIL import Image
 
 from hscr_platform.training.pref_data import PrefDataConfig, Skip, SkipLog, as_matrix, collate, to_example
-from hscr_platform.training.pref_stream import Slicing, dataset_layout, iter_micro_batches, iter_worker_rows
+from hscr_platform.training.pref_stream import (
+    ReadCounter,
+    Slicing,
+    dataset_layout,
+    iter_micro_batches,
+    iter_positions,
+    step_positions,
+)
 from hscr_platform.training.toy_prefs import write_preference_shards
 
 FP = "fingerprint-1"
@@ -122,18 +130,18 @@ def _ids(rows) -> list[str]:
     return [r["id"] for r in rows]
 
 
-def _epoch(shards, *, world=1, rank=0, micro=2, start=0, stop=20, epoch=0, shuffle=True) -> list[tuple[int, str]]:
+def _epoch(shards, *, start=0, stop=23, epoch=0, shuffle=True, counter=None) -> list[tuple[int, str]]:
     cfg = PrefDataConfig(path=str(shards), shuffle_window=3, shuffle=shuffle)
-    rows = iter_worker_rows(
-        dataset_layout(shards),
-        cfg,
-        Slicing(rank=rank, world=world, micro=micro),
-        epoch=epoch,
-        seed=7,
-        start=start,
-        stop=stop,
-    )
+    rows = iter_positions(dataset_layout(shards), cfg, epoch=epoch, seed=7, start=start, stop=stop, counter=counter)
     return [(p, r["id"]) for p, r in rows]
+
+
+def _stream(shards, *, world=1, rank=0, micro=2, start_step=0, steps_per_epoch=2, global_batch=8, counter=None,
+            window=3, seed=7):  # fmt: skip
+    cfg = PrefDataConfig(path=str(shards), shuffle_window=window)
+    return iter_micro_batches(dataset_layout(shards), cfg, Slicing(rank=rank, world=world, micro=micro), seed=seed,
+                              start_step=start_step, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
+                              counter=counter)  # fmt: skip
 
 
 def test_layout_reads_footers_and_caps_rows(shards):
@@ -143,37 +151,34 @@ def test_layout_reads_footers_and_caps_rows(shards):
         dataset_layout(shards / "missing")
 
 
-def test_epoch_order_is_a_seeded_permutation_split_over_workers(shards):
-    full = _epoch(shards, stop=23)
+def test_epoch_order_is_a_seeded_permutation(shards):
+    full = _epoch(shards)
     assert [p for p, _ in full] == list(range(23)) and sorted(i for _, i in full) == sorted(f"r{i}" for i in range(23))
-    assert full != _epoch(shards, stop=23, shuffle=False) and full == _epoch(shards, stop=23)
-    assert full != _epoch(shards, stop=23, epoch=1)  # reshuffled every epoch
-    parts = [_epoch(shards, world=2, rank=r, stop=23) for r in (0, 1)]
-    assert sorted(parts[0] + parts[1]) == full  # disjoint, together everything
-    assert all((p // 2) % 2 == 0 for p, _ in parts[0])  # micro-rounds alternate between workers
+    assert full != _epoch(shards, shuffle=False) and full == _epoch(shards)
+    assert full != _epoch(shards, epoch=1)  # reshuffled every epoch
+    assert _epoch(shards, start=8, stop=20) == full[8:20]  # a range starts mid-file, mid-window
 
 
-def test_resume_starts_at_the_step_position_without_replay(shards):
-    assert _epoch(shards, start=8, stop=20) == [x for x in _epoch(shards, stop=20) if x[0] >= 8]
+def test_a_range_opens_only_the_files_that_hold_it(shards):
+    whole, part = ReadCounter(), ReadCounter()
+    _epoch(shards, counter=whole)
+    _epoch(shards, start=0, stop=5, shuffle=False, counter=part)  # exactly the first shard
+    assert whole.opens == 5 and part.opens == 1 and 0 < part.bytes < whole.bytes / 3
+
+
+def test_a_step_takes_one_row_from_each_slot(shards):
+    """G = 8 slots of L = 2 positions: step 0 = positions 0, 2, 4, ..., 14 of the epoch order."""
+    full = dict(_epoch(shards))
+    step0 = [i for batch in itertools.islice(_stream(shards, micro=4), 2) for i in _ids(batch)]
+    assert step0 == [full[p] for p in step_positions(0, global_batch=8, steps_per_epoch=2)]
+    assert step_positions(1, global_batch=8, steps_per_epoch=2) == [1, 3, 5, 7, 9, 11, 13, 15]
 
 
 def test_global_batches_do_not_depend_on_the_worker_split(shards):
     """1 worker × accumulation 4 sees the same examples per step as 2 workers × accumulation 2."""
-    cfg = PrefDataConfig(path=str(shards), shuffle_window=3)
 
     def steps(world: int, accum: int) -> list[set[str]]:
-        streams = [
-            iter_micro_batches(
-                dataset_layout(shards),
-                cfg,
-                Slicing(rank=r, world=world, micro=2),
-                seed=7,
-                start_step=0,
-                steps_per_epoch=2,
-                global_batch=8,
-            )
-            for r in range(world)
-        ]
+        streams = [_stream(shards, world=world, rank=r) for r in range(world)]
         return [{i for s in streams for _ in range(accum) for i in _ids(next(s))} for _ in range(4)]
 
     one, two = steps(1, 4), steps(2, 2)
@@ -181,14 +186,33 @@ def test_global_batches_do_not_depend_on_the_worker_split(shards):
     assert one[0] | one[1] != one[2] | one[3]  # epoch 2 is another permutation (and drops other tail rows)
 
 
-def test_micro_batch_stream_resumes_across_epochs(shards):
-    cfg = PrefDataConfig(path=str(shards), shuffle_window=3)
+def test_resume_starts_every_slot_at_the_step_without_replay(shards):
+    full = _stream(shards, micro=4, steps_per_epoch=2)
+    batches = [_ids(next(full)) for _ in range(8)]  # 2 steps of epoch 0, 2 of epoch 1 (2 micro-batches a step)
+    resumed = _stream(shards, micro=4, start_step=1, steps_per_epoch=2)
+    assert [_ids(next(resumed)) for _ in range(6)] == batches[2:]
 
-    def stream(start_step: int):
-        return iter_micro_batches(dataset_layout(shards), cfg, Slicing(rank=0, world=1, micro=4), seed=1,
-                                  start_step=start_step, steps_per_epoch=5, global_batch=4)  # fmt: skip
 
-    full = stream(0)
-    batches = [_ids(next(full)) for _ in range(8)]  # 5 steps of epoch 0, then 3 of epoch 1
-    resumed = stream(3)
-    assert [_ids(next(resumed)) for _ in range(5)] == batches[3:]
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory):
+    """96 rows in shards of 12 rows."""
+    folder = tmp_path_factory.mktemp("pref-big")
+    return write_preference_shards([_row(i) for i in range(96)], folder, rows_per_shard=12)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_worker_reads_about_its_share_of_the_bytes(big_shards, world):
+    """One epoch (G = 8, L = 12 steps): worker r reads ~1/N of what one worker alone reads, and the workers
+    together see every used row exactly once."""
+    alone = ReadCounter()
+    seen_alone = [i for b in itertools.islice(_stream(big_shards, micro=8, steps_per_epoch=12, counter=alone,
+                                                      window=4), 12) for i in _ids(b)]  # fmt: skip
+    counters, seen = [ReadCounter() for _ in range(world)], []
+    for r, counter in enumerate(counters):
+        stream = _stream(big_shards, world=world, rank=r, micro=8 // world, steps_per_epoch=12, counter=counter,
+                         window=4)  # fmt: skip
+        seen += [i for b in itertools.islice(stream, 12) for i in _ids(b)]
+    assert sorted(seen) == sorted(seen_alone) and len(set(seen)) == 96
+    for counter in counters:
+        assert counter.bytes <= 1.25 * alone.bytes / world  # a slot boundary inside a file re-reads that file
+        assert counter.bytes >= 0.75 * alone.bytes / world
