@@ -4,7 +4,8 @@ LLaVA-Med metrics, SynthMed's hallucination and image-reliance figures, a compar
     sample shards -> read tasks: keep the selected rows, one copy per view (image / blank)
       -> AnswerActor pool (model loaded once per actor; transformers, or vLLM)
       -> predictions joined back on the driver by (source, id, view) -> eval_metrics per model
-      -> table.md, results.json, PNGs, predictions.parquet -> MLflow
+      -> predictions.parquet written chunk by chunk as each model is scored (never all records at once)
+      -> table.md, results.json, PNGs -> MLflow
 
 Models are answered one after the other (each gets the whole actor pool, then frees it). Everything the job
 needs is checked before Ray starts: each data folder and its columns, each model folder (an image-text model
@@ -270,9 +271,29 @@ def score_model(rows: list[dict], answers: dict[str, list[str]]) -> tuple[dict[s
     return metrics, blanked
 
 
-def write_predictions(path: Path, records: list[dict[str, Any]]) -> Path:
-    pq.write_table(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA), path)
-    return path
+PREDICTION_CHUNK = 1024  # rows turned into prediction records (and written) at a time
+
+
+class PredictionWriter:
+    """predictions.parquet written as it goes: the driver holds one chunk of records, never every prediction."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, 0
+        self._writer = pq.ParquetWriter(path, PREDICTION_SCHEMA)
+
+    def write(self, rows: list[dict], predictions: list[str], *, model: str, view: str) -> None:
+        """One model's answers to ``rows`` in one view, converted and written ``PREDICTION_CHUNK`` at a time."""
+        for k in range(0, len(rows), PREDICTION_CHUNK):
+            records = row_records(rows[k : k + PREDICTION_CHUNK], predictions[k : k + PREDICTION_CHUNK],
+                                  model=model, view=view)  # fmt: skip
+            self._writer.write_table(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA))
+            self.rows += len(records)
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.close()
 
 
 def start_tracking(cfg: EvaluateJobConfig, out: Path) -> Any:
@@ -303,20 +324,21 @@ def evaluate(cfg: EvaluateJobConfig, test: TestSet, models: dict[str, str], out:
     views = VIEWS if cfg.data.blank_image_gap else VIEWS[:1]
     results: dict[str, dict[str, Any]] = {}
     blanked: dict[str, dict[str, Any]] = {}
-    records: list[dict[str, Any]] = []
     init_ray(cfg.ray)
-    for group in passes(cfg, models):
-        t0 = time.time()
-        answers = answer_all(cfg, test, group, views)
-        seconds, count = time.time() - t0, len(views) * len(test.rows) * len(group)
-        print(f"[evaluate] {', '.join(group)}: {count} answers in {seconds:.1f}s", flush=True)
-        for name in group:
-            results[name], blank = score_model(test.rows, answers[name])
-            results[name].update(seconds=round(seconds, 2), answers_per_s=round(count / seconds, 2))
-            if blank is not None:
-                blanked[name] = blank
-            records += [r for v in views for r in row_records(test.rows, answers[name][v], model=name, view=v)]
-    write_predictions(out / "predictions.parquet", records)
+    with PredictionWriter(out / "predictions.parquet") as writer:
+        for group in passes(cfg, models):
+            t0 = time.time()
+            answers = answer_all(cfg, test, group, views)
+            seconds, count = time.time() - t0, len(views) * len(test.rows) * len(group)
+            print(f"[evaluate] {', '.join(group)}: {count} answers in {seconds:.1f}s", flush=True)
+            for name in group:
+                results[name], blank = score_model(test.rows, answers[name])
+                results[name].update(seconds=round(seconds, 2), answers_per_s=round(count / seconds, 2))
+                if blank is not None:
+                    blanked[name] = blank
+                for v in views:
+                    writer.write(test.rows, answers[name][v], model=name, view=v)
+            del answers  # one pass's answers at a time
     return {"rows": len(test.rows), "data": list(cfg.data.folders()), "models": models,
             "results": results, "blank_image": blanked}  # fmt: skip
 
