@@ -2,18 +2,22 @@
 
 ``ray stop`` stops every Ray cluster on the machine, and Ray's default ports and ``/tmp/ray`` are shared by
 everyone on it. This helper starts a head with every port chosen free, its own ``--temp-dir`` (so its
-``ray_current_cluster`` file and session folders stay there) and token auth off (Ray 2.60 turns it on by
-default for new local clusters and writes ``~/.ray/auth_token``). Stopping it terminates only the processes of
-that head: the ones whose command line names its temp dir (GCS, raylet, dashboard, agents, monitors) and all
-their descendants (workers, job supervisors, job drivers and the processes those spawn).
+``ray_current_cluster`` file and session folders stay there) and Ray's token authentication on, with a fresh
+token the head writes into its temp dir (``<temp>/auth_token``, mode 0600; never ``~/.ray/auth_token``, which
+other programs on the machine share). Clients pass it with ``client_env(head)`` (RAY_AUTH_MODE=token,
+RAY_AUTH_TOKEN_PATH): a request without it is refused (HTTP 401 from the Jobs API). Stopping it terminates
+only the processes of that head: the ones whose command line names its temp dir (GCS, raylet, dashboard,
+agents, monitors) and all their descendants (workers, job supervisors, job drivers and the processes those
+spawn).
 
     from hscr_platform.core.ray_local import start_local_head, stop_head
     head = start_local_head("/tmp/hscr-ray", num_cpus=2)
-    # ray job submit --address {head.dashboard_url} --working-dir . -- python -m jobs.pipeline ...
+    # RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={head.token_path} \\
+    #     ray job submit --address {head.dashboard_url} --working-dir . -- python -m jobs.pipeline ...
     stop_head(head)
 
 Or from a shell: ``python -m hscr_platform.core.ray_local start /tmp/hscr-ray --num-cpus 2`` (prints the head as
-JSON) and ``python -m hscr_platform.core.ray_local stop /tmp/hscr-ray``.
+JSON, ``token_path`` included) and ``python -m hscr_platform.core.ray_local stop /tmp/hscr-ray``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -37,11 +42,11 @@ from pathlib import Path
 import psutil
 
 INFO_FILE = "hscr_head.json"  # written into the temp dir, so `stop` works from another process
+TOKEN_FILE = "auth_token"  # the head's token, in its temp dir (0600)
 # Ray's AF_UNIX sockets: <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (Linux: 107 bytes)
 _SOCKET_SUFFIX_CHARS = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 _MAX_SOCKET_PATH = 107
-# Ray 2.60: token auth is on by default for new local clusters; a private test head needs none
-CLIENT_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where Ray reads its token from
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,40 @@ class HeadInfo:
     client_port: int  # Ray Client server (ray://host:port)
     num_cpus: int
     python_bin: str  # the folder whose `python` the head's jobs run (first on the head's PATH)
+    token_path: str  # the head's auth token (RAY_AUTH_TOKEN_PATH for its clients)
 
 
-def client_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for `ray` CLI / SDK clients of a private head: auth off, no stats, no RAY_ADDRESS."""
+def write_token(path: str | os.PathLike[str]) -> Path:
+    """A new random token (256 bits, hex) in a new file ``path`` readable by its owner only (0600)."""
+    target = Path(path)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never reuse or widen a file
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return target
+
+
+def auth_env(token_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The variables that make a Ray process (head, worker, CLI, SDK) use token auth with this token file."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.fspath(token_path)}
+
+
+def auth_header(token_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The HTTP header that authenticates a request to the head's dashboard / Jobs REST API."""
+    return {"Authorization": f"Bearer {Path(token_path).read_text().strip()}"}
+
+
+def client_env(head: HeadInfo | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for `ray` CLI / SDK clients of ``head``: its token, no stats, no RAY_ADDRESS.
+
+    Any token already in the environment is dropped first; ``head=None`` gives a client with no token at all
+    (what a stranger on the network has).
+    """
     env = dict(os.environ if base is None else base)
-    env.pop("RAY_ADDRESS", None)
-    env.update(CLIENT_ENV)
+    for name in ("RAY_ADDRESS", *AUTH_VARS):
+        env.pop(name, None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if head is not None:
+        env |= auth_env(head.token_path)
     return env
 
 
@@ -123,18 +155,19 @@ def _start_command(ray_bin: str, temp_dir: Path, ports: dict[str, int], num_cpus
     return [ray_bin, "start", "--head", *(f"{k}={v}" for k, v in flags.items()), "--disable-usage-stats"]
 
 
-def _head_env(ray_bin: str) -> dict[str, str]:
-    """The head's environment: auth off, and the venv's bin first on PATH (job entrypoints run `python`)."""
-    env = client_env()
+def _head_env(ray_bin: str, token_path: Path) -> dict[str, str]:
+    """The head's environment: token auth with its own token, the venv's bin first on PATH (jobs run `python`)."""
+    env = client_env(None) | auth_env(token_path)
     env["PATH"] = os.pathsep.join([str(Path(ray_bin).parent), env.get("PATH", "")])
     return env
 
 
-def _wait_for_dashboard(url: str, timeout_s: float) -> None:
+def _wait_for_dashboard(url: str, token_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(f"{url}/api/version", headers=auth_header(token_path))
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -154,7 +187,7 @@ def start_local_head(
     ray_bin: str | None = None,
     timeout_s: float = 120.0,
 ) -> HeadInfo:
-    """Start a Ray head on free ports under ``temp_dir`` (auth off); return where it listens.
+    """Start a Ray head on free ports under ``temp_dir`` (token auth, a new token); return where it listens.
 
     ``ray_bin`` defaults to the `ray` next to this Python, so the head's workers and job drivers use this
     environment's interpreter and packages. On failure, whatever was started is stopped before raising.
@@ -162,6 +195,9 @@ def start_local_head(
     temp = Path(temp_dir).resolve()
     _check_temp_dir(temp)
     temp.mkdir(parents=True, exist_ok=True)
+    token = temp / TOKEN_FILE
+    token.unlink(missing_ok=True)  # a head left in this dir before: its token is not this head's
+    write_token(token)
     ray = ray_bin or str(Path(sys.executable).parent / "ray")
     names = ["port", "dashboard_port", "ray_client_server_port", "node_manager_port", "object_manager_port"]
     names += ["dashboard_agent_listen_port", "dashboard_agent_grpc_port", "runtime_env_agent_port"]
@@ -180,12 +216,13 @@ def start_local_head(
         client_port=ports["ray_client_server_port"],
         num_cpus=num_cpus,
         python_bin=str(Path(ray).parent),
+        token_path=str(token),
     )
     try:
-        proc = subprocess.run(cmd, env=_head_env(ray), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, env=_head_env(ray, token), capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             raise RuntimeError(f"`ray start` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-        _wait_for_dashboard(info.dashboard_url, timeout_s)
+        _wait_for_dashboard(info.dashboard_url, token, timeout_s)
     except BaseException:
         stop_head(info)
         raise

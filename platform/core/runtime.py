@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from hscr_platform.core.ray_local import TOKEN_FILE, auth_env, write_token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,8 +32,9 @@ class RayConfig:
 def init_ray(cfg: RayConfig) -> Any:
     """Start or join Ray once per process; returns the ray module.
 
-    Under ``ray job submit`` RAY_ADDRESS points at the cluster and the job joins it. Otherwise a fresh local
-    instance is started (``address="local"``), never one left over by another program on the machine.
+    Under ``ray job submit`` RAY_ADDRESS points at the cluster and the job joins it (with the token its
+    environment carries). Otherwise a fresh local instance is started (``address="local"``), never one left
+    over by another program on the machine, with token authentication on (see ``use_local_token``).
     """
     import ray
 
@@ -37,7 +44,7 @@ def init_ray(cfg: RayConfig) -> Any:
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+    use_local_token()
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,
@@ -46,3 +53,26 @@ def init_ray(cfg: RayConfig) -> Any:
         log_to_driver=True,
     )
     return ray
+
+
+def use_local_token() -> Path | None:
+    """Token auth for a new local instance, with a token this process writes; returns its file, if written.
+
+    Ray >= 2.59 turns token auth on for new local clusters and would write ``~/.ray/auth_token``, a file
+    every Ray program of this user shares. Instead, unless the environment already names a token
+    (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) or another mode (RAY_AUTH_MODE set to anything but ``token``, an
+    explicit opt-out that is respected), a fresh token goes into a private temp folder (0700,
+    file 0600, removed at exit) and RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH are set for this process and
+    every Ray process it starts. Called again in the same process, it keeps the same token.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        return None  # the user chose another mode explicitly
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_MODE"] = "token"  # a token given (or written by an earlier call): use it
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="hscr-ray-auth-"))  # mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    token = write_token(folder / TOKEN_FILE)
+    os.environ.update(auth_env(token))
+    return token

@@ -1,8 +1,9 @@
 """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m jobs.<name>`, for real.
 
-A private Ray head (hscr_platform.core.ray_local: free ports, its own temp dir, token auth off) stands in for the
-cluster; the tiny pipeline is submitted exactly as the cluster README submits the base one, and only that head
-is stopped afterwards (never `ray stop`, which would stop every Ray cluster on the machine).
+A private Ray head (hscr_platform.core.ray_local: free ports, its own temp dir, token auth on with its own token)
+stands in for the cluster; a client without the token is refused, the tiny pipeline is submitted with it exactly
+as the cluster README submits the base one, and only that head is stopped afterwards (never `ray stop`, which
+would stop every Ray cluster on the machine).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from hscr_platform.core.ray_local import HeadInfo, client_env, head_processes, start_local_head, stop_head
+from hscr_platform.core.ray_local import (
+    HeadInfo,
+    auth_header,
+    client_env,
+    head_processes,
+    start_local_head,
+    stop_head,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -41,19 +50,24 @@ def head() -> Iterator[HeadInfo]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def submit_command(head: HeadInfo, job_id: str, *entrypoint: str) -> list[str]:
+    return [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+            "--runtime-env", "cluster/runtime_env.yaml", "--submission-id", job_id, "--no-wait",
+            "--", *entrypoint]  # fmt: skip
+
+
 def submit(head: HeadInfo, *entrypoint: str) -> str:
-    """`ray job submit --no-wait` from the repository root, as a user would; returns the submission id."""
+    """`ray job submit --no-wait` from the repository root, with the head's token; returns the submission id."""
     job_id = f"hscr-test-{uuid.uuid4().hex[:8]}"
-    cmd = [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
-           "--runtime-env", "cluster/runtime_env.yaml", "--submission-id", job_id, "--no-wait",
-           "--", *entrypoint]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=client_env(), capture_output=True, text=True, timeout=300)
+    cmd = submit_command(head, job_id, *entrypoint)
+    proc = subprocess.run(cmd, cwd=REPO, env=client_env(head), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"ray job submit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return job_id
 
 
 def _get(head: HeadInfo, path: str) -> Any:
-    with urllib.request.urlopen(f"{head.dashboard_url}{path}", timeout=30) as resp:
+    request = urllib.request.Request(f"{head.dashboard_url}{path}", headers=auth_header(head.token_path))
+    with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())
 
 
@@ -71,6 +85,26 @@ def wait(head: HeadInfo, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple
             break
         time.sleep(3)
     return status, logs(head, job_id)
+
+
+def test_a_submission_without_the_token_is_refused_and_one_with_it_runs(head, tmp_path):
+    job_id = f"hscr-test-{uuid.uuid4().hex[:8]}"
+    stranger = client_env(None) | {"HOME": str(tmp_path)}  # no token anywhere, not even ~/.ray/auth_token
+    cmd = submit_command(head, job_id, "python", "-c", "print('should never run')")
+    refused = subprocess.run(cmd, cwd=REPO, env=stranger, capture_output=True, text=True, timeout=300)
+    print("without the token:", refused.returncode, (refused.stdout + refused.stderr).strip().splitlines()[-3:])
+    assert refused.returncode != 0
+    assert "Unauthorized: Missing authentication token" in refused.stdout + refused.stderr
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    with pytest.raises(urllib.error.HTTPError) as denied:  # the REST API too, with a wrong token
+        urllib.request.urlopen(urllib.request.Request(f"{head.dashboard_url}/api/jobs/", headers=auth_header(wrong)))
+    assert denied.value.code == 403
+    assert not any(j.get("submission_id") == job_id for j in _get(head, "/api/jobs/")), "nothing was queued"
+    accepted = submit(head, "python", "-c", "import os; print('ACCEPTED', os.environ['RAY_AUTH_MODE'])")
+    status, out = wait(head, accepted, timeout_s=180)
+    print("with the token:", status, [ln for ln in out.splitlines() if ln.startswith("ACCEPTED")])
+    assert status == "SUCCEEDED" and "ACCEPTED token" in out, out[-3000:]
 
 
 def test_submitted_job_runs_the_uploaded_checkout_with_the_installed_package(head):
@@ -128,4 +162,5 @@ def test_stop_head_stops_only_that_head(head):
         decoy.wait()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=5)
+    assert Path(head.token_path).stat().st_mode & 0o777 == 0o600, "the token file is the owner's only"
     assert (Path(head.temp_dir) / "ray_current_cluster").is_file(), "the address file stays in the temp dir"

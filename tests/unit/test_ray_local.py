@@ -44,11 +44,37 @@ def test_start_command_sets_every_port_the_temp_dir_and_no_stats():
     assert {"--temp-dir=/tmp/r", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"} <= set(cmd)
 
 
-def test_head_env_disables_auth_and_puts_the_venv_first(monkeypatch):
+def test_head_env_turns_token_auth_on_with_its_own_token_and_puts_the_venv_first(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    env = ray_local._head_env("/some/venv/bin/ray")
-    assert env["RAY_AUTH_MODE"] == "disabled" and "RAY_ADDRESS" not in env
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "someone-elses")  # would take precedence over the token file
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = ray_local._head_env("/some/venv/bin/ray", Path("/tmp/r/auth_token"))
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == "/tmp/r/auth_token"
+    assert "RAY_AUTH_TOKEN" not in env and "RAY_ADDRESS" not in env
     assert env["PATH"].split(":")[0] == "/some/venv/bin"
+
+
+def test_client_env_carries_the_heads_token_or_none_at_all(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "stale")
+    head = ray_local.HeadInfo(
+        temp_dir=str(tmp_path), address="127.0.0.1:1", dashboard_url="http://127.0.0.1:2", gcs_port=1,
+        dashboard_port=2, client_port=3, num_cpus=1, python_bin="/v/bin", token_path=str(tmp_path / "auth_token"),
+    )  # fmt: skip
+    env = ray_local.client_env(head)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == head.token_path
+    assert "RAY_AUTH_TOKEN" not in env
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(ray_local.client_env(None))
+
+
+def test_write_token_is_a_fresh_random_owner_only_file(tmp_path):
+    first = ray_local.write_token(tmp_path / "a")
+    second = ray_local.write_token(tmp_path / "b")
+    assert first.stat().st_mode & 0o777 == 0o600
+    assert len(first.read_text()) == 64 and first.read_text() != second.read_text()
+    int(first.read_text(), 16)  # hex
+    with pytest.raises(FileExistsError):  # never overwrites (or widens) an existing file
+        ray_local.write_token(first)
+    assert ray_local.auth_header(first) == {"Authorization": f"Bearer {first.read_text()}"}
 
 
 def test_head_processes_match_the_dir_as_a_whole_path(tmp_path):
