@@ -6,7 +6,6 @@ local folders with safetensors weights are accepted; nothing is downloaded; remo
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
+
+from hscr_platform.data.images import open_rgb
 
 IGNORE_INDEX = -100  # label value that the cross-entropy skips (prompt, image and padding positions)
 
@@ -61,8 +62,9 @@ def load_vlm(cfg: ModelConfig) -> tuple[Any, Any]:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decoded RGB image from encoded bytes (validation happened at ingest)."""
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """Decoded RGB image from encoded bytes (validation happened at ingest); a 16-bit / I / F scan is windowed
+    to 8-bit by its min..max first (``hscr_platform.data.images``), not clipped white by PIL's convert."""
+    return open_rgb(data)
 
 
 def _user_turn(question: str) -> dict[str, Any]:

@@ -11,8 +11,11 @@ example. Prompts are left-padded so every prefix ends at the same column and res
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,50 @@ def _gather_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
     return token_logps * mask
 
 
+# --- activation checkpointing of the response forward ------------------------------------------------
+
+
+def _read_only_update(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                      **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A cache layer's update that returns prefix + new states without storing them: the backward's recompute
+    of a layer then sees the same (prefix) cache as the forward did."""
+    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(model: Any) -> Iterator[None]:
+    """Decoder layers run under ``torch.utils.checkpoint`` (non-reentrant) while the context is open; their
+    activations are recomputed in backward. Only layers in training mode checkpoint (not the reference)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [(m.gradient_checkpointing, m.__dict__.get("_can_checkpoint_with_cache")) for m in layers]
+    run = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for m in layers:
+        m.gradient_checkpointing, m._gradient_checkpointing_func, m._can_checkpoint_with_cache = True, run, True
+    try:
+        yield
+    finally:
+        for m, (flag, can) in zip(layers, saved, strict=True):
+            m.gradient_checkpointing = flag
+            if can is None:
+                del m._can_checkpoint_with_cache
+            else:
+                m._can_checkpoint_with_cache = can
+
+
+def response_logits(model: Any, cache: Any, *, checkpointing: bool, **inputs: Any) -> torch.Tensor:
+    """The responses' forward after the shared prefix: (R, T, V) logits. ``checkpointing`` trades compute for
+    memory: each decoder layer keeps only its input and recomputes the rest in backward (the prefix cache is
+    made read-only so that the recompute reads exactly what the forward read)."""
+    if not checkpointing:
+        return model(past_key_values=cache, **inputs).logits
+    for layer in cache.layers:
+        layer.update = types.MethodType(_read_only_update, layer)
+    with _checkpointed_layers(model):
+        return model(past_key_values=cache, **inputs).logits
+
+
 def shared_prefix_logps(
     model: Any,
     prefix: dict,
@@ -58,11 +105,13 @@ def shared_prefix_logps(
     *,
     pad_id: int,
     mm_encoder_outputs: dict | None = None,
+    activation_checkpointing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log π(y_r | image, prompt) for every response row r, the prefix computed once per example.
 
     Returns (logps (R,), token_logps (R, T), mask (R, T)). ``mm_encoder_outputs`` replaces the image features
-    computed from ``pixel_values`` (used for the visual-dropout view).
+    computed from ``pixel_values`` (used for the visual-dropout view). ``activation_checkpointing`` recomputes
+    the response forward's decoder layers in backward (same gradients, less memory: :func:`response_logits`).
     """
     device = prefix["input_ids"].device
     index = torch.as_tensor(list(owner), dtype=torch.long, device=device)  # (R,)
@@ -80,7 +129,8 @@ def shared_prefix_logps(
     ids, mask = ids.to(device), mask.to(device)
     resp_pos = positions[:, -1:][index] + 1 + torch.arange(ids.shape[1], device=device)  # (R, T)
     full_mask = torch.cat([attn[index], mask.long()], dim=1)  # (R, P + T)
-    rest = model(input_ids=ids, attention_mask=full_mask, position_ids=resp_pos, past_key_values=cache).logits
+    rest = response_logits(model, cache, checkpointing=activation_checkpointing, input_ids=ids,
+                           attention_mask=full_mask, position_ids=resp_pos)  # fmt: skip
     logits = torch.cat([first_logits.unsqueeze(1), rest[:, :-1]], dim=1)  # (R, T, V): logits for token t
     token_logps = _gather_logps(logits, ids, mask)  # (R, T)
     return token_logps.sum(-1), token_logps, mask

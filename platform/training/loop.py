@@ -133,7 +133,8 @@ def micro_step(ctx: StepContext, batch: PrefBatch, step: int) -> tuple[float, di
     if any_worker(bool(batch.needs_ref.any()), ctx.device):
         computed = as_matrix(ctx.reference.logps(batch, prefix, pad_id).float(), batch, num_levels=num_levels)
         ref = torch.where(batch.needs_ref.to(ctx.device)[:, None], computed, ref)  # (B, L)
-    flat = shared_prefix_logps(ctx.engine, prefix, batch.responses, batch.owner, pad_id=pad_id)[0]  # (R,)
+    flat = shared_prefix_logps(ctx.engine, prefix, batch.responses, batch.owner, pad_id=pad_id,
+                               activation_checkpointing=ctx.cfg.activation_checkpointing)[0]  # (R,)  # fmt: skip
     policy = as_matrix(flat.float(), batch, num_levels=num_levels)  # (B, L)
     mask = batch.level_mask.to(ctx.device)  # (B, L)
     per_example, metrics = multilevel_dpo_loss(

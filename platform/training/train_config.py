@@ -126,6 +126,7 @@ class TrainJobConfig:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     workers: TrainWorkersConfig = field(default_factory=TrainWorkersConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False  # recompute the response forward's decoder layers in backward
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="hscr-train"))
     output: TrainOutputConfig = field(default_factory=TrainOutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
