@@ -2,12 +2,15 @@
 
     <output.path>/samples/part-*.parquet    SAMPLE_SCHEMA rows that passed validate_sample
     <output.path>/rejects/part-*.parquet    REJECT_SCHEMA rows: id, source, reason, detail
-    <output.path>/summary.json              rows read, samples written, rejects by reason (written last)
+    <output.path>/summary.json              rows read, samples written, rejects by reason, images windowed (last)
     <output.path>/config.yaml               the resolved config
 
 Streaming and constant memory: rows go one at a time from the reader through validation into ShardWriters that
 hold at most ``rows_per_shard`` rows. Shards are written into a hidden staging folder inside the output folder
 and moved into place only when the whole source was read, so a failed run leaves earlier results untouched.
+High-bit-depth images (16-bit PNG scans, PIL modes I;16 / I / F) are written as 8-bit grayscale PNGs windowed by
+their own min..max (``hscr_platform.data.images``, the same function every engine's ``open_image`` uses); the
+row's ``meta`` records the source mode and window under ``"image_8bit"``.
 The job writes into the output folder only, refuses a non-empty one unless ``overwrite`` (which replaces only
 samples/, rejects/, summary.json and config.yaml), and refuses an output folder that overlaps the source.
 """
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from hscr_platform.core.config import save_config
 from hscr_platform.core.io import ShardWriter
+from hscr_platform.data.images import png_8bit
 from hscr_platform.data.readers import SourceConfig, read_source
 from hscr_platform.data.samples import RawRow, Reject, validate_sample
 from hscr_platform.data.schema import REJECT_SCHEMA, SAMPLE_SCHEMA
@@ -108,6 +112,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  rows read        {summary['rows_read']}",
         f"  samples written  {summary['samples_written']}",
         f"  rejects written  {summary['rejects_written']}",
+        f"  images windowed  {summary['images_windowed']} (high-bit-depth -> 8-bit)",
     ]
     by_reason = summary["rejects_by_reason"]
     lines.append("  rejects by reason" + ("" if by_reason else ": none"))
@@ -120,6 +125,7 @@ def _ingest(rows: Iterable[RawRow | Reject], cfg: IngestJobConfig, staging: Path
     """Stream rows -> validate -> staging/samples and staging/rejects; the counts."""
     seen_ids: set[str] = set()
     reasons: collections.Counter[str] = collections.Counter()
+    windowed = 0
     per_shard = cfg.output.rows_per_shard
     with (
         ShardWriter(staging / "samples", SAMPLE_SCHEMA, rows_per_shard=per_shard) as samples,
@@ -128,6 +134,7 @@ def _ingest(rows: Iterable[RawRow | Reject], cfg: IngestJobConfig, staging: Path
         for item in tqdm(rows, desc=f"ingest {cfg.source.format}", unit="row", disable=None):
             reject = item if isinstance(item, Reject) else _validate(item, cfg, seen_ids)
             if reject is None:
+                windowed += _window_high_bit_depth(item)
                 samples.write(item)
             else:
                 reasons[reject.reason] += 1
@@ -140,7 +147,20 @@ def _ingest(rows: Iterable[RawRow | Reject], cfg: IngestJobConfig, staging: Path
         "samples_written": samples.rows_written,
         "rejects_written": rejects.rows_written,
         "rejects_by_reason": dict(sorted(reasons.items())),
+        "images_windowed": windowed,
     }
+
+
+def _window_high_bit_depth(row: RawRow) -> bool:
+    """Replace a validated row's high-bit-depth image by its 8-bit PNG (min..max window); True if it did."""
+    converted = png_8bit(row["image"])
+    if converted is None:
+        return False
+    row["image"], done = converted
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    meta = meta if isinstance(meta, dict) else {"meta": meta}
+    row["meta"] = json.dumps({**meta, "image_8bit": done}, ensure_ascii=False)
+    return True
 
 
 def _validate(row: dict[str, Any], cfg: IngestJobConfig, seen_ids: set[str]) -> Reject | None:

@@ -268,3 +268,30 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         load_config(IngestJobConfig, TINY, ["source.columns.question=q"])  # vqa_rad has no column mapping
     cfg = load_config(IngestJobConfig, TINY, ["source.format=parquet", "source.columns.question=q"])
     assert cfg.source.columns.question == "q"
+
+
+def test_ingest_vqa_rad_folder_windows_16_bit_scans_and_rejects_paths_outside(tmp_path: Path) -> None:
+    """A new user's VQA-RAD-format folder: a 16-bit scan is kept with its contrast, escapes are rejected."""
+    import numpy as np
+
+    src = tmp_path / "vqa_rad"
+    images = src / "VQA_RAD Image Folder"
+    images.mkdir(parents=True)
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (16, 1))  # (16, 256)
+    Image.fromarray(ramp).save(images / "scan16.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "outside.png")
+    (images / "escape.png").symlink_to(tmp_path / "outside.png")
+    names = ["scan16.png", "../../outside.png", str(tmp_path / "outside.png"), "escape.png"]
+    records = [{"qid": i, "question": "Is it normal?", "answer": "yes", "image_name": n} for i, n in enumerate(names)]
+    (src / "VQA_RAD Dataset Public.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    summary = ingest("source.format=vqa_rad", f"source.path={src}", f"output.path={out}")
+    assert (summary["samples_written"], summary["rejects_written"]) == (1, 3)
+    assert summary["rejects_by_reason"] == {"image_outside_root": 3} and summary["images_windowed"] == 1
+    sample = read_table(out / "samples").to_pylist()[0]
+    image = Image.open(io.BytesIO(sample["image"]))
+    values = np.asarray(image)
+    assert image.mode == "L" and len(np.unique(values)) == 256 and values.mean() == pytest.approx(127.5, abs=0.01)
+    assert json.loads(sample["meta"])["image_8bit"]["window"] == [0.0, 65535.0]
+    details = read_table(out / "rejects").column("detail").to_pylist()
+    assert all("outside the dataset root" in d for d in details), details

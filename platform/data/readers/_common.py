@@ -1,4 +1,8 @@
-"""Helpers every reader shares: locating files, reading JSON leniently, and building a raw row.
+"""Helpers every reader shares: locating files, reading JSON leniently, confining image paths, building a raw row.
+
+Image paths: a reader opens no file outside the dataset root it was given. Every image path a record names is
+resolved (symlinks followed, ``..`` collapsed; an absolute path stays absolute) and a row whose image lands
+outside the root is rejected as ``image_outside_root`` (``confine_image``), before anything reads the file.
 
 Text policy: files are decoded as UTF-8 with ``errors="replace"``, so an invalid byte becomes U+FFFD instead
 of failing the whole file, and U+FFFD characters already in the data (VQA-RAD qid 2136) are kept as they are.
@@ -16,6 +20,8 @@ from hscr_platform.data.samples import BAD_JSON, BAD_VALUE, MISSING_FIELD, RawRo
 from hscr_platform.data.schema import sample_row
 
 DEFAULT_SPLIT: Final = "train"  # when neither the config nor the data says
+# Reject reason (docs/DATA.md "Reject reasons"): the record's image path resolves outside the dataset root
+IMAGE_OUTSIDE_ROOT: Final = "image_outside_root"
 _SPLIT_ALIASES: Final = {
     "train": "train",
     "training": "train",
@@ -51,6 +57,28 @@ def files_in(path: Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} files for {what} under {path}")
     return files
+
+
+def dataset_root(path: Path) -> Path:
+    """The folder a reader was given: ``path`` itself, or the folder of a single data file."""
+    return path if path.is_dir() else path.parent
+
+
+def confine_image(image: Path, root: Path, *, id: str, source: str, where: str) -> Path | Reject:
+    """``image`` resolved (symlinks followed), if that lies inside ``root`` (resolved too); else a Reject.
+
+    ``image`` is the record's path already joined onto its folder (``folder / name``: an absolute name
+    replaces the folder). A missing file inside the root is returned as is (validation rejects it later as
+    missing_image); a path that cannot be resolved at all (a NUL byte, a symlink loop) is bad_value.
+    """
+    try:
+        resolved, inside = image.resolve(), root.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        return Reject(id=id, source=source, reason=BAD_VALUE, detail=f"{where}: image path {str(image)!r}: {exc}")
+    if resolved.is_relative_to(inside):
+        return resolved
+    detail = f"{where}: image {str(image)!r} resolves to {resolved}, outside the dataset root {inside}"
+    return Reject(id=id, source=source, reason=IMAGE_OUTSIDE_ROOT, detail=detail)
 
 
 def load_json(path: Path) -> Any:

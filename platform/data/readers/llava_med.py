@@ -1,7 +1,9 @@
 """LLaVA-Med instruction data reader (``llava_med_instruct_*.json``, LLaVA conversation format).
 
 Layout: ``<path>`` is a ``.json`` file (an array of records) or ``.jsonl`` file (one record per line), or a
-folder of them; images are resolved against ``image_dir`` (default: the data file's folder). A record::
+folder of them; images are resolved against ``image_dir`` (default: the data file's folder) and must stay
+inside ``image_dir`` (default: the folder given, or the single file's folder), else the record is rejected
+(image_outside_root, one reject for the record). A record::
 
     {"id": "...", "image": "PMC-123_fig1.jpg", "domain": {"ct_scan": true, ...},
      "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
@@ -24,6 +26,8 @@ from typing import Any, Final
 from hscr_platform.data.readers._common import (
     DEFAULT_SPLIT,
     bad_json,
+    confine_image,
+    dataset_root,
     files_in,
     iter_json_lines,
     load_json_list,
@@ -51,14 +55,15 @@ def read_llava_med(
     path: str | Path, *, image_dir: str | Path | None = None, split: str | None = None
 ) -> Iterator[RawRow | Reject]:
     """Rows of LLaVA-Med instruction file(s); a JSON array file is parsed before the first row is yielded."""
-    files = files_in(require_path(path, "LLaVA-Med JSON file or folder"), (".json", ".jsonl"), "LLaVA-Med")
+    given = require_path(path, "LLaVA-Med JSON file or folder")
+    files = files_in(given, (".json", ".jsonl"), "LLaVA-Med")
     images = require_path(image_dir, "LLaVA-Med image folder") if image_dir is not None else None
     loaded = [(file, None if file.suffix == ".jsonl" else load_json_list(file)) for file in files]
-    return _rows(loaded, images=images, split=split)
+    return _rows(loaded, images=images, root=images or dataset_root(given), split=split)
 
 
 def _rows(
-    loaded: list[tuple[Path, list[Any] | None]], *, images: Path | None, split: str | None
+    loaded: list[tuple[Path, list[Any] | None]], *, images: Path | None, root: Path, split: str | None
 ) -> Iterator[RawRow | Reject]:
     for file, records in loaded:
         file_split = split or split_from_name(file.name) or DEFAULT_SPLIT
@@ -69,7 +74,7 @@ def _rows(
                 yield bad_json(id=position, source=SOURCE, detail=f"{file.name} record {index}: {detail}")
                 continue
             folder = images or file.parent
-            yield from _record_rows(record, file=file, position=position, images=folder, split=file_split)
+            yield from _record_rows(record, file=file, position=position, images=folder, root=root, split=file_split)
 
 
 def _records(file: Path, records: list[Any] | None) -> Iterator[tuple[int, Any, str]]:
@@ -81,7 +86,7 @@ def _records(file: Path, records: list[Any] | None) -> Iterator[tuple[int, Any, 
 
 
 def _record_rows(
-    record: dict[str, Any], *, file: Path, position: str, images: Path, split: str
+    record: dict[str, Any], *, file: Path, position: str, images: Path, root: Path, split: str
 ) -> Iterator[RawRow | Reject]:
     base_id = f"{SOURCE}:{record['id']}" if record.get("id") is not None else position
     absent = missing(record, ("image", "conversations"))
@@ -96,12 +101,16 @@ def _record_rows(
     if not pairs:
         yield missing_field(id=base_id, source=SOURCE, keys=["human turn"], where=f"{file.name} conversations")
         return
+    image = confine_image(images / str(record["image"]), root, id=base_id, source=SOURCE, where=file.name)
+    if isinstance(image, Reject):
+        yield image
+        return
     for turn, (question, answer) in enumerate(pairs):
         yield make_row(
             id=f"{base_id}:{turn}",
             source=SOURCE,
             split=split,
-            image=images / str(record["image"]),
+            image=image,
             question=question,
             answer=answer,
             modality=_modality(record.get("domain")),

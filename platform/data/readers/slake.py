@@ -5,7 +5,8 @@ Layout::
     <path>/train.json, validation.json (or validate.json), test.json    JSON arrays of QA records
     <path>/img/xmlab<N>/source.jpg        (the original Slake1.0.zip calls the folder imgs/; both work)
 
-``img_name`` ("xmlab102/source.jpg") is relative to the image folder. Only records with ``q_lang == "en"`` are
+``img_name`` ("xmlab102/source.jpg") is relative to the image folder; one that resolves outside it is rejected
+as image_outside_root. Only records with ``q_lang == "en"`` are
 read; Chinese records are skipped, not counted and not rejected. Mapping: question/answer verbatim,
 ``answer_type`` OPEN/CLOSED -> open/closed, ``content_type`` -> question_type (lower-cased), ``modality``
 (CT/MRI/X-Ray -> ct/mri/xray), ``location`` -> organ (lower-cased); the whole record (img_id, base_type,
@@ -21,6 +22,7 @@ from typing import Any, Final
 from hscr_platform.data.readers._common import (
     DEFAULT_SPLIT,
     bad_json,
+    confine_image,
     load_json_list,
     make_row,
     meta_json,
@@ -75,11 +77,15 @@ def _rows(loaded: list[tuple[Path, list[Any]]], *, images: Path, split: str | No
             if absent:
                 yield missing_field(id=row_id, source=SOURCE, keys=absent, where=where)
                 continue
+            image = confine_image(images / str(record["img_name"]), images, id=row_id, source=SOURCE, where=where)
+            if isinstance(image, Reject):
+                yield image
+                continue
             yield make_row(
                 id=row_id,
                 source=SOURCE,
                 split=file_split,
-                image=images / str(record["img_name"]),
+                image=image,
                 question=record["question"],
                 answer=record["answer"],
                 answer_type=record.get("answer_type"),

@@ -3,7 +3,9 @@
 ``path`` is one file or a folder (all ``*.parquet`` / ``*.jsonl`` / ``*.ndjson`` below it, sorted). The image
 column may hold encoded bytes, a Hugging Face ``Image`` struct ``{"bytes", "path"}`` (bytes preferred, else
 the path), or a file path; relative paths are resolved against ``image_dir`` (default: the data file's
-folder). JSON Lines can only carry paths. Parquet is streamed in small record batches (constant memory).
+folder). A path (relative or absolute) that resolves outside ``image_dir`` (default: the folder given, or the
+single file's folder) is rejected as image_outside_root; image bytes need no check. JSON Lines can only carry
+paths. Parquet is streamed in small record batches (constant memory).
 
 Ids: the ``columns.id`` column's value as text, or positional ``<name>:<file stem>:<row>`` (parquet: row
 index from 0; JSONL: line number). Split: ``split`` argument > ``columns.split`` column > file name > train.
@@ -25,6 +27,8 @@ from hscr_platform.data.readers._common import (
     DEFAULT_SPLIT,
     SourceError,
     bad_json,
+    confine_image,
+    dataset_root,
     files_in,
     iter_json_lines,
     make_row,
@@ -73,11 +77,13 @@ def read_parquet(
     split: str | None = None,
 ) -> Iterator[RawRow | Reject]:
     """Rows of parquet file(s); every mapped column must exist in every file (else SourceError)."""
-    files = files_in(require_path(path, "parquet file or folder"), (".parquet",), "parquet")
+    given = require_path(path, "parquet file or folder")
+    files = files_in(given, (".parquet",), "parquet")
     images = require_path(image_dir, "image folder") if image_dir is not None else None
     for file in files:
         _check_columns(file, _open_parquet(file).schema_arrow.names, columns)
-    return _parquet_rows(files, columns=columns, name=name, images=images, split=split)
+    where = _Where(columns=columns, name=name, images=images, root=images or dataset_root(given), split=split)
+    return _parquet_rows(files, where)
 
 
 def read_jsonl(
@@ -89,9 +95,22 @@ def read_jsonl(
     split: str | None = None,
 ) -> Iterator[RawRow | Reject]:
     """Rows of JSON Lines file(s); a line that is not a JSON object is rejected as bad_json."""
-    files = files_in(require_path(path, "JSON Lines file or folder"), (".jsonl", ".ndjson"), "JSON Lines")
+    given = require_path(path, "JSON Lines file or folder")
+    files = files_in(given, (".jsonl", ".ndjson"), "JSON Lines")
     images = require_path(image_dir, "image folder") if image_dir is not None else None
-    return _jsonl_rows(files, columns=columns, name=name, images=images, split=split)
+    where = _Where(columns=columns, name=name, images=images, root=images or dataset_root(given), split=split)
+    return _jsonl_rows(files, where)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Where:
+    """What every row of one read shares: the column map, the source name, the image folder and root, the split."""
+
+    columns: ColumnMap
+    name: str
+    images: Path | None  # relative image paths are joined onto this (None: the data file's folder)
+    root: Path  # no image outside it
+    split: str | None
 
 
 def _open_parquet(file: Path) -> pq.ParquetFile:
@@ -107,31 +126,20 @@ def _check_columns(file: Path, names: list[str], columns: ColumnMap) -> None:
         raise SourceError(f"{file}: no column(s) {absent} (see source.columns); its columns are {names}")
 
 
-def _parquet_rows(
-    files: list[Path], *, columns: ColumnMap, name: str, images: Path | None, split: str | None
-) -> Iterator[RawRow | Reject]:
+def _parquet_rows(files: list[Path], where: _Where) -> Iterator[RawRow | Reject]:
     for file in files:
         index = 0
         try:
             for batch in _open_parquet(file).iter_batches(batch_size=_BATCH_ROWS):
                 for record in batch.to_pylist():
-                    yield _row(
-                        record,
-                        columns=columns,
-                        name=name,
-                        file=file,
-                        position=index,
-                        images=images,
-                        split=split,
-                    )
+                    yield _row(record, where, file=file, position=index)
                     index += 1
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"cannot read parquet file {file} after {index} rows: {exc}") from None
 
 
-def _jsonl_rows(
-    files: list[Path], *, columns: ColumnMap, name: str, images: Path | None, split: str | None
-) -> Iterator[RawRow | Reject]:
+def _jsonl_rows(files: list[Path], where: _Where) -> Iterator[RawRow | Reject]:
+    name = where.name
     for file in files:
         for number, record, error in iter_json_lines(file):
             line_id = f"{name}:{file.stem}:{number}"
@@ -141,19 +149,11 @@ def _jsonl_rows(
                 detail = f"{file.name} line {number} is a {type(record).__name__}, not an object"
                 yield bad_json(id=line_id, source=name, detail=detail)
             else:
-                yield _row(record, columns=columns, name=name, file=file, position=number, images=images, split=split)
+                yield _row(record, where, file=file, position=number)
 
 
-def _row(
-    record: dict[str, Any],
-    *,
-    columns: ColumnMap,
-    name: str,
-    file: Path,
-    position: int,
-    images: Path | None,
-    split: str | None,
-) -> RawRow | Reject:
+def _row(record: dict[str, Any], at: _Where, *, file: Path, position: int) -> RawRow | Reject:
+    columns, name = at.columns, at.name
     raw_id = _get(record, columns.id)
     row_id = f"{name}:{file.stem}:{position}" if raw_id is None else str(raw_id)
     where = f"{file.name} row {position}"
@@ -162,10 +162,14 @@ def _row(
         absent.insert(0, columns.id)
     if absent:
         return missing_field(id=row_id, source=name, keys=absent, where=where)
-    image = _image_of(record[columns.image], folder=images or file.parent)
+    image = _image_of(record[columns.image], folder=at.images or file.parent)
     if isinstance(image, str):
         return Reject(id=row_id, source=name, reason=BAD_VALUE, detail=f"{where}: {image}")
-    row_split = split or _get_split(record, columns) or split_from_name(file.name) or DEFAULT_SPLIT
+    if isinstance(image, Path):
+        image = confine_image(image, at.root, id=row_id, source=name, where=where)
+        if isinstance(image, Reject):
+            return image
+    row_split = at.split or _get_split(record, columns) or split_from_name(file.name) or DEFAULT_SPLIT
     return make_row(
         id=row_id,
         source=name,

@@ -13,7 +13,9 @@ Mapping: ``question``/``answer`` verbatim (int answers -> "4"), ``answer_type`` 
 closed/open, ``question_type`` lower-cased as given (typos such as "ATRIB" kept), ``image_organ`` ->
 organ (ABD -> abdomen), modality unknown (null). The whole record is kept in ``meta`` ("NULL" strings, the
 original int answer and type string included). Split: OSF ``phrase_type`` test_* -> test, others -> train;
-MEVF from the file name (trainset -> train). Ids: ``vqa_rad:<qid>`` (OSF), ``vqa_rad_mevf:<file>:<qid>``.
+MEVF from the file name (trainset -> train). An ``image_name`` that resolves outside the image folder
+(``../x.png``, an absolute path elsewhere, a symlink out) is rejected as image_outside_root.
+Ids: ``vqa_rad:<qid>`` (OSF), ``vqa_rad_mevf:<file>:<qid>``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Final
 from hscr_platform.data.readers._common import (
     DEFAULT_SPLIT,
     bad_json,
+    confine_image,
     load_json_list,
     make_row,
     meta_json,
@@ -108,12 +111,16 @@ def _rows(
         if absent:
             yield missing_field(id=row_id, source=SOURCE, keys=absent, where=where)
             continue
+        image = confine_image(images / str(record["image_name"]), images, id=row_id, source=SOURCE, where=where)
+        if isinstance(image, Reject):
+            yield image
+            continue
         organ = record.get("image_organ")
         yield make_row(
             id=row_id,
             source=SOURCE,
             split=split_of(record),
-            image=images / str(record["image_name"]),
+            image=image,
             question=record["question"],
             answer=record["answer"],
             answer_type=record.get("answer_type"),
