@@ -27,7 +27,12 @@ from hscr_platform.models.toy import ToyModelConfig, create_toy_model
 class SftDataConfig:
     train: str  # folder of sample shards (common schema) to train on, e.g. <synthmed>/train
     eval: str | None = None  # folder of sample shards to evaluate on after training (e.g. <synthmed>/test)
-    max_rows: int | None = None  # cap on training rows (None = all)
+    max_rows: int | None = None  # cap on training rows of data.train (None = all)
+    instruct: str | None = None  # a folder of instruction conversations trained on too (SynthMed's instruct/)
+
+    def folders(self) -> list[str]:
+        """Every folder trained on, data.train first."""
+        return [self.train] + ([self.instruct] if self.instruct else [])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,10 +114,14 @@ def _corpus(folder: str) -> list[str]:
     return [t for row in iter_rows(folder, columns=["question", "answer"]) for t in (row["question"], row["answer"])]
 
 
+def _corpora(folders: list[str]) -> list[str]:
+    return [text for folder in folders for text in _corpus(folder)]
+
+
 def _initial_model(cfg: SftJobConfig, out: Path) -> Path:
     if cfg.init.kind == "pretrained":
         return check_vlm_folder(str(cfg.init.pretrained))
-    return create_toy_model(cfg.init.toy, _corpus(cfg.data.train), out / "init")
+    return create_toy_model(cfg.init.toy, _corpora(cfg.data.folders()), out / "init")
 
 
 def _fit(cfg: SftJobConfig, init_dir: Path, out: Path) -> Path:
@@ -129,7 +138,7 @@ def _fit(cfg: SftJobConfig, init_dir: Path, out: Path) -> Path:
         train_loop_config={
             "cfg": cfg,
             "init_dir": str(init_dir.resolve()),
-            "train_dir": str(Path(cfg.data.train).resolve()),
+            "train_dirs": [str(Path(folder).resolve()) for folder in cfg.data.folders()],
             "labels": labels,
         },
         scaling_config=ScalingConfig(
@@ -149,6 +158,8 @@ def run(cfg: SftJobConfig) -> dict[str, Any]:
     """Train (or reuse) the base model; returns the summary (paths, timings, evaluation)."""
     if not shard_files(cfg.data.train):
         raise FileNotFoundError(f"data.train: no sample shards (part-*.parquet) in {cfg.data.train}")
+    if cfg.data.instruct and not shard_files(cfg.data.instruct):
+        raise FileNotFoundError(f"data.instruct: no sample shards (part-*.parquet) in {cfg.data.instruct}")
     out = stage_dir(cfg.output.root, "sft", cfg)
     if is_complete(out):
         print(f"[sft] cached: {out}/model (same config {config_hash(cfg)})")

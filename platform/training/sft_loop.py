@@ -60,17 +60,20 @@ def label_space_of(folder: str | Path) -> LabelSpace:
     return LabelSpace(*(tuple(sorted(s - {""})) for s in (mods, organs, kinds, positions)))
 
 
-def load_worker_rows(folder: str | Path, *, rank: int, world: int, max_rows: int | None) -> list[dict]:
-    """This worker's share of the rows (every world-th row), images decoded once."""
-    rows = []
-    for i, row in enumerate(iter_rows(folder)):
-        if max_rows is not None and i >= max_rows:
-            break
-        if i % world == rank:
-            row["pil"] = open_image(row.pop("image"))
-            rows.append(row)
+def load_worker_rows(folders: Sequence[str | Path], *, rank: int, world: int, max_rows: int | None) -> list[dict]:
+    """This worker's share of the rows (every world-th row), images decoded once. ``max_rows`` caps the first
+    folder (data.train); later folders (instruction data) are read whole."""
+    rows, position = [], 0
+    for number, folder in enumerate(folders):
+        for i, row in enumerate(iter_rows(folder)):
+            if number == 0 and max_rows is not None and i >= max_rows:
+                break
+            if position % world == rank:
+                row["pil"] = open_image(row.pop("image"))
+                rows.append(row)
+            position += 1
     if not rows:
-        raise ValueError(f"worker {rank}/{world} got no training rows from {folder}")
+        raise ValueError(f"worker {rank}/{world} got no training rows from {list(map(str, folders))}")
     return rows
 
 
@@ -202,7 +205,7 @@ def worker_loop(payload: dict) -> None:
     ctx = {"rank": rank, "world": world, "seed": cfg.train.seed * 1000 + rank, "t0": time.time(), "device": device}
     model, processor = load_vlm(ModelConfig(path=init_dir))
     model.to(device)
-    rows = load_worker_rows(payload["train_dir"], rank=rank, world=world, max_rows=cfg.data.max_rows)
+    rows = load_worker_rows(payload["train_dirs"], rank=rank, world=world, max_rows=cfg.data.max_rows)
     history = []
     if cfg.vision_pretrain.steps:
         history += pretrain_vision(model, processor, rows, labels, cfg.vision_pretrain, ctx)

@@ -47,6 +47,10 @@ from hscr_platform.data.synthmed.render import (
 )
 
 SPLITS = ("train", "validation", "test")
+# The instruction conversations: train-world scans (same priors as train), their own folder and seed stream, rows
+# marked split "train". Appended last so the other folders' seeds are unchanged.
+FOLDERS = (*SPLITS, "instruct")
+PRIOR_SPLITS = ("train", "instruct")  # where the language and scene priors live
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -63,10 +67,14 @@ class PriorConfig:
 
     presence_yes_train: float = 0.9
     position_yes_train: float = 0.5
+    # Scene priors of the train world (train and instruct folders; validation / test stay uniform), for a model
+    # that leans on text to name typical findings that are not there:
+    usual_side_train: float = 0.0  # chance a finding sits on its kind's usual side (render.USUAL_SIDE) if free
+    companion_train: float = 0.0  # chance a scan with a mass also gets an effusion (its usual companion)
 
     def __post_init__(self) -> None:
-        _check_fraction("presence_yes_train", self.presence_yes_train)
-        _check_fraction("position_yes_train", self.position_yes_train)
+        for name in ("presence_yes_train", "position_yes_train", "usual_side_train", "companion_train"):
+            _check_fraction(name, getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,12 +84,13 @@ class SplitsConfig:
     train: int = 16_000
     validation: int = 1_000
     test: int = 3_000
+    instruct: int = 0  # instruction conversations (folder instruct/, train world); see synthmed/instruct.py
 
     def __post_init__(self) -> None:
-        for name in SPLITS:
+        for name in FOLDERS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.train + self.validation + self.test == 0:
+        if self.train + self.validation + self.test + self.instruct == 0:
             raise ValueError("at least one split must have samples")
 
 
@@ -156,9 +165,11 @@ def scene_at(cfg: SynthMedConfig, split: str, index: int) -> tuple[Scene, np.ran
 
     Seeded by (seed, split, index) alone, so any worker (or a later evaluation) rebuilds exactly this scan.
     """
-    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+    rng = np.random.default_rng([cfg.seed, FOLDERS.index(split), index])
     scene_rng, question_rng = rng.spawn(2)  # questions do not depend on how the scan was drawn or rendered
-    scene = sample_scene(scene_rng, max_findings=cfg.max_findings, normal_fraction=cfg.normal_fraction)
+    prior = cfg.prior if split in PRIOR_SPLITS else PriorConfig(usual_side_train=0.0, companion_train=0.0)
+    scene = sample_scene(scene_rng, max_findings=cfg.max_findings, normal_fraction=cfg.normal_fraction,
+                         usual_side=prior.usual_side_train, companion=prior.companion_train)  # fmt: skip
     return scene, question_rng
 
 
@@ -169,7 +180,8 @@ def image_samples(cfg: SynthMedConfig, split: str, index: int, count: int) -> li
     findings = [asdict(f) for f in scene.findings]
     return [
         sample_row(
-            id=f"synthmed-{split}-{index:06d}-q{j}", source="synthmed", split=split, image=image,
+            id=f"synthmed-{split}-{index:06d}-q{j}", source="synthmed", image=image,
+            split="train" if split == "instruct" else split,
             question=q.question, answer=q.answer, answer_type=q.answer_type, question_type=q.question_type,
             modality=scene.modality, organ=scene.organ, findings=findings,
             meta=json.dumps({"image_index": index, "question_index": j, "normal": not scene.findings}),
@@ -253,7 +265,7 @@ def _prepare_output(out: OutputConfig) -> Path:
             f"output folder {root} is not empty (holds {', '.join(entries[:5])}); "
             "choose another output.path or set output.overwrite=true to replace SynthMed's files there"
         )
-    for name in (*SPLITS, "preview.png", "summary.json"):
+    for name in (*FOLDERS, "preview.png", "summary.json"):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -268,14 +280,16 @@ def generate_dataset(job: SynthMedJobConfig) -> dict[str, Any]:
     cfg, start = job.synthmed, time.perf_counter()
     root = _prepare_output(job.output)
     tasks = []
-    for split in SPLITS:
+    for split in FOLDERS:
         (root / split).mkdir()
         tasks += [(cfg, split, shard, str(root / split)) for shard in range(len(_chunks(cfg, split)))]
     tallies = _run_tasks(tasks, cfg.workers)
-    per_split = {s: sum((t for task, t in zip(tasks, tallies, strict=True) if task[1] == s), Counter()) for s in SPLITS}
+    per_split = {
+        s: sum((t for task, t in zip(tasks, tallies, strict=True) if task[1] == s), Counter()) for s in FOLDERS
+    }
     seconds = time.perf_counter() - start  # generation only; the preview is not part of the throughput
     samples = sum(t["samples"] for t in per_split.values())
-    write_preview(cfg, root / "preview.png", split=next(s for s in ("test", *SPLITS) if per_split[s]))
+    write_preview(cfg, root / "preview.png", split=next(s for s in ("test", *FOLDERS) if per_split[s]))
     summary = {
         "output": str(root), "seconds": round(seconds, 2), "workers": cfg.workers, "samples": samples,
         "samples_per_second": round(samples / seconds, 1),

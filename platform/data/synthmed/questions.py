@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hscr_platform.data.synthmed.instruct import instruction_for_scene
 from hscr_platform.data.synthmed.render import KINDS, MODALITY_NAME, POSITIONS, Scene
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ _ANY_SCAN = ("modality", "abnormality", "count", "organ", "report")  # askable o
 
 def split_yes_rates(cfg: SynthMedConfig, split: str) -> dict[str, float]:
     """Target share of "yes" answers per closed question type in ``split`` (the prior lives in train only)."""
-    if split == "train":
+    if split in ("train", "instruct"):
         return {"presence": cfg.prior.presence_yes_train, "position": cfg.prior.position_yes_train}
     return {"presence": 0.5, "position": 0.5}
 
@@ -161,6 +162,8 @@ def questions_for_scene(
     q = p / (1 - f0 (1 - p)) (f0 = normal_fraction): the share of "yes" among presence questions is then
     (1 - f0) q / ((1 - f0) q + 1 - q) = p exactly in expectation.
     """
+    if split == "instruct":
+        return _instructions(scene, rng, cfg.questions_per_image if count is None else count)
     rates = split_yes_rates(cfg, split)
     p, f0 = rates["presence"], cfg.normal_fraction
     yes_rate = {"presence": p / (1 - f0 * (1 - p)), "position": rates["position"]}
@@ -176,4 +179,15 @@ def questions_for_scene(
             question = _ASK[qtype](scene, rng, 0.5, asked)
         asked.add(question.question)
         out.append(question)
+    return out
+
+
+def _instructions(scene: Scene, rng: np.random.Generator, count: int) -> list[Question]:
+    """``count`` instruction turns about ``scene`` (answer_type "report"), distinct questions where possible."""
+    asked: set[str] = set()
+    out = []
+    for _ in range(count):
+        question, answer, qtype = instruction_for_scene(scene, rng, exclude=asked)
+        asked.add(question)
+        out.append(Question(question, answer, "report", qtype))
     return out

@@ -24,6 +24,7 @@ MODALITIES = ("ct", "mri", "xray")
 ORGANS = ("chest", "brain", "abdomen")
 KINDS = ("nodule", "mass", "effusion", "cyst")
 POSITIONS = ("left", "right", "upper", "lower")
+USUAL_SIDE = {"nodule": "left", "mass": "right", "cyst": "upper", "effusion": "lower"}  # the train world's prior
 MODALITY_NAME = {"ct": "ct", "mri": "mri", "xray": "x-ray"}  # as written in questions and answers
 # Plausible pairs only (no chest MRI, no skull X-ray).
 MODALITY_ORGANS = {
@@ -33,7 +34,7 @@ MODALITY_ORGANS = {
 }
 
 _AXIS_ANGLE = {"left": np.pi, "right": 0.0, "upper": -np.pi / 2, "lower": np.pi / 2}  # y points down
-_SIZE = {"nodule": (0.03, 0.045), "mass": (0.075, 0.1), "cyst": (0.05, 0.07), "effusion": (0.04, 0.06)}
+SIZE_RANGE = {"nodule": (0.03, 0.045), "mass": (0.075, 0.1), "cyst": (0.05, 0.07), "effusion": (0.04, 0.06)}
 # Outer body radii (x, y) per organ; X-ray is a projection, so the body fills (and leaves) the frame.
 _BODY = {"chest": (0.44, 0.35), "brain": (0.36, 0.44), "abdomen": (0.44, 0.37)}
 _XRAY_BODY = (0.47, 0.62)
@@ -85,8 +86,20 @@ class Scene:
 # --- sampling ------------------------------------------------------------------------------------
 
 
-def sample_scene(rng: np.random.Generator, *, max_findings: int = 3, normal_fraction: float = 0.25) -> Scene:
-    """A random scene: modality uniform, organ uniform among its pairs, none or 1..max_findings findings."""
+def sample_scene(
+    rng: np.random.Generator,
+    *,
+    max_findings: int = 3,
+    normal_fraction: float = 0.25,
+    usual_side: float = 0.0,
+    companion: float = 0.0,
+) -> Scene:
+    """A random scene: modality uniform, organ uniform among its pairs, none or 1..max_findings findings.
+
+    ``usual_side`` / ``companion`` skew the world (the train split's scene prior): a finding takes its kind's
+    USUAL_SIDE with that chance when the side is free, and a scan with a mass gets an effusion too. At 0 no extra
+    random number is drawn, so scenes are exactly those of a world without the prior.
+    """
     modality = MODALITIES[int(rng.integers(len(MODALITIES)))]
     organs = MODALITY_ORGANS[modality]
     organ = organs[int(rng.integers(len(organs)))]
@@ -102,9 +115,24 @@ def sample_scene(rng: np.random.Generator, *, max_findings: int = 3, normal_frac
     )
     n = 0 if rng.random() < normal_fraction else int(rng.integers(1, max_findings + 1))
     kinds = [KINDS[i] for i in rng.integers(len(KINDS), size=n)]  # with replacement: "two nodules" happens
-    positions = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[:n]]  # at most one per position
+    if companion > 0 and "mass" in kinds and "effusion" not in kinds and n < max_findings and rng.random() < companion:
+        kinds.append("effusion")
+    positions = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[: len(kinds)]]  # at most one per position
+    if usual_side > 0:
+        positions = _usual_sides(rng, kinds, positions, usual_side)
     findings = _place_findings(rng, kinds, positions, modality=modality, organ=organ, style=style)
     return Scene(modality=modality, organ=organ, findings=findings, style=style)
+
+
+def _usual_sides(rng: np.random.Generator, kinds: list[str], positions: list[str], chance: float) -> list[str]:
+    """Positions re-assigned so that each finding takes its kind's usual side with ``chance`` (when still free);
+    the others keep the drawn positions, in order, skipping sides already taken."""
+    wanted = [USUAL_SIDE[k] if rng.random() < chance else None for k in kinds]
+    chosen: list[str | None] = []
+    for side in wanted:
+        chosen.append(side if side is not None and side not in chosen else None)
+    spare = iter([p for p in dict.fromkeys((*positions, *POSITIONS)) if p not in chosen])
+    return [side if side is not None else next(spare) for side in chosen]
 
 
 def _place_findings(
@@ -122,7 +150,7 @@ def _place_findings(
         jitter = attempt < 30  # the last attempt puts each finding on its wedge's axis: never overlaps
         found = []
         for kind, pos in zip(kinds, positions, strict=True):
-            size = rng.uniform(*_SIZE[kind])
+            size = rng.uniform(*SIZE_RANGE[kind])
             angle = _AXIS_ANGLE[pos] + (rng.uniform(-0.3, 0.3) if jitter else 0.0)
             rho = rng.uniform(0.42, 0.62) if jitter else 0.55  # fraction of the field radius
             if kind == "effusion":  # against the wall
