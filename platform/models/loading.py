@@ -1,7 +1,9 @@
 """Loading any Hugging Face image-text model, and turning (image, question, answer) rows into model inputs.
 
-One path for every model: the toy Med-VLM the project builds, LLaVA-Med v1.5 in HF format, Qwen2-VL. Only
-local folders with safetensors weights are accepted; nothing is downloaded; remote code is off unless asked.
+One path for every model: the toy Med-VLM the project builds, LLaVA-Med v1.5 in HF format (after
+``python -m jobs.convert``), Qwen2-VL / Qwen2.5-VL. Only local folders with safetensors weights, a processor and
+a supported architecture are accepted (:func:`check_vlm_folder`, run by every job before Ray starts); nothing is
+downloaded; remote code is off unless asked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from hscr_platform.data.images import open_rgb
 
 IGNORE_INDEX = -100  # label value that the cross-entropy skips (prompt, image and padding positions)
 
+# architectures whose every part the platform runs (tests/unit/test_logprobs.py, test_qwen2vl.py)
+SUPPORTED_ARCHITECTURES = (
+    "LlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # processor may need torchvision: see load_processor
+ORIGINAL_LLAVA = ("LlavaMistralForCausalLM", "LlavaLlamaForCausalLM")  # the original LLaVA repo's layout
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -30,7 +44,8 @@ class ModelConfig:
 
 
 def check_vlm_folder(path: str | Path) -> Path:
-    """Fail early, naming the problem, unless ``path`` is a local image-text model folder with safetensors."""
+    """Fail early, naming the problem, unless ``path`` is a local folder of a supported image-text model with
+    safetensors weights and a processor (image processor + tokenizer)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -38,16 +53,64 @@ def check_vlm_folder(path: str | Path) -> Path:
     if not config_file.is_file():
         raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
     config = json.loads(config_file.read_text())
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture in ORIGINAL_LLAVA:
+        raise ValueError(
+            f"{folder} is an original-layout LLaVA checkpoint ({architecture}), which neither transformers nor "
+            "vLLM loads: convert it first (python -m jobs.convert --config jobs/configs/convert/base.yaml "
+            f"source.path={folder} output.path=<new folder>)"
+        )
     if "vision_config" not in config:
         raise ValueError(f"{folder} is not a vision-language model (config.json has no vision_config)")
-    if not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{folder} has no *.safetensors weights (only safetensors are loaded)")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{folder}: architecture {architecture!r} (config.json) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    _check_weights(folder)
+    _check_processor(folder)
     return folder
+
+
+def _check_weights(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded: "
+            "only *.safetensors are loaded (re-save the model with safe_serialization=True, or convert an "
+            "original-layout LLaVA with python -m jobs.convert, which reads pickles only with allow_pickle=true)"
+        )
+    raise ValueError(f"{folder} has no *.safetensors weights (only safetensors are loaded)")
+
+
+def _check_processor(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(
+            f"{folder} has no processor ({' or '.join(PROCESSOR_FILES)}): save the processor with the model"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def load_processor(folder: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """transformers' processor; for the Qwen2-VL family without torchvision (CPU machines), the equivalent
+    :class:`~hscr_platform.models.mrope_processor.MropeProcessor` built from image processor + tokenizer."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    if model_type in MROPE_MODEL_TYPES and not is_torchvision_available():
+        from hscr_platform.models.mrope_processor import MropeProcessor
+
+        return MropeProcessor.from_folder(folder)
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def load_vlm(cfg: ModelConfig) -> tuple[Any, Any]:
     """(model, processor) through the Auto classes, in eval mode, on CPU (callers move it)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     folder = check_vlm_folder(cfg.path)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -56,7 +119,7 @@ def load_vlm(cfg: ModelConfig) -> tuple[Any, Any]:
         use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
     )
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(folder, trust_remote_code=cfg.trust_remote_code)
     model.eval()
     return model, processor
 

@@ -7,6 +7,10 @@ to it. Log-probs and gradients equal the per-response forward to float tolerance
 
 Batch layout: B examples, R = sum of their response counts; ``owner`` (R,) maps each response row to its
 example. Prompts are left-padded so every prefix ends at the same column and responses follow directly.
+
+Position ids are explicit everywhere: (B, P) for 1-D RoPE (LLaVA), (3, B, P) for the Qwen2-VL family's
+multimodal RoPE (temporal, height, width; computed at encode time by :func:`mrope_positions`). The batch axis
+is always the second to last, so ``positions[..., index, :]`` selects rows of either kind.
 """
 
 from __future__ import annotations
@@ -26,14 +30,94 @@ from hscr_platform.models.loading import prompt_text
 
 
 def encode_prefixes(processor: Any, images: Sequence[Image.Image], questions: Sequence[str]) -> dict:
-    """Left-padded chat prompts (ending where the answer starts) + pixel values, as model inputs."""
+    """Left-padded chat prompts (ending where the answer starts) + pixel values, as model inputs.
+
+    Qwen2-VL-family inputs (``image_grid_thw`` present) also get their (3, B, P) ``position_ids``.
+    """
     tok = processor.tokenizer
     tok.padding_side = "left"
-    batch = processor(
-        images=list(images), text=[prompt_text(processor, q) for q in questions], return_tensors="pt", padding=True
+    batch = dict(
+        processor(
+            images=list(images), text=[prompt_text(processor, q) for q in questions], return_tensors="pt", padding=True
+        )
     )
     tok.padding_side = "right"
-    return dict(batch)
+    if "image_grid_thw" in batch:
+        batch["position_ids"] = mrope_positions(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["image_grid_thw"],
+            image_token_id=int(processor.image_token_id),
+            merge_size=int(processor.image_processor.merge_size),
+        )
+    return batch
+
+
+def mrope_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    *,
+    image_token_id: int,
+    merge_size: int,
+) -> torch.Tensor:
+    """Qwen2-VL multimodal RoPE position ids, (3, B, P) = (temporal, height, width) per token.
+
+    A text token at position p gets (p, p, p). An image whose patch grid is (t, h, w) fills
+    n = t·(h/m)·(w/m) placeholder tokens (m = merge_size); starting at p, its token (i, j, k) gets
+    (p + i, p + j, p + k), and the next token starts at p + max(h/m, w/m). Padding (mask 0) gets 0.
+    input_ids, attention_mask: (B, P); image_grid_thw: (images, 3), the images in row order.
+    """
+    out = torch.zeros((3, *input_ids.shape), dtype=torch.long, device=input_ids.device)  # (3, B, P)
+    grids = iter(image_grid_thw.tolist())
+    for b in range(input_ids.shape[0]):
+        real = attention_mask[b].bool()
+        ids = input_ids[b][real].tolist()
+        parts, pos, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] != image_token_id:
+                parts.append(torch.full((3, 1), pos, dtype=torch.long))
+                pos, i = pos + 1, i + 1
+                continue
+            t, h, w = next(grids)
+            h, w = h // merge_size, w // merge_size
+            grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            parts.append(torch.stack(grid).reshape(3, -1) + pos)  # (3, t·h·w)
+            pos, i = pos + max(h, w), i + t * h * w
+        out[:, b, real] = torch.cat(parts, dim=1).to(out.device)
+    return out
+
+
+def prefix_positions(prefix: dict) -> torch.Tensor:
+    """Position ids of a left-padded prefix: its ``position_ids`` (mRoPE) or (B, P) from the mask."""
+    if "position_ids" in prefix:
+        return prefix["position_ids"]
+    return (prefix["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # (B, P) left padding -> real positions
+
+
+def following_positions(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions of ``width`` text tokens after each prefix: (..., B, P) -> (..., B, width).
+
+    A prefix ends with a text token, whose position is the same on every mRoPE axis.
+    """
+    return positions[..., -1:] + 1 + torch.arange(width, device=positions.device)
+
+
+def image_rows(prefix: dict, index: torch.Tensor) -> dict:
+    """The image inputs of prefix rows ``index`` (R,): pixel values (and ``image_grid_thw``) per row.
+
+    LLaVA's pixel values are (B, C, H, W); the Qwen2-VL family's are (Σ patches, D) with each image's patch
+    count in ``image_grid_thw`` (B, 3), so rows are cut out and concatenated again.
+    """
+    if "image_grid_thw" not in prefix:
+        return {"pixel_values": prefix["pixel_values"][index]}
+    grid = prefix["image_grid_thw"]  # (B, 3)
+    per_image = torch.split(prefix["pixel_values"], grid.prod(-1).tolist())
+    picked = index.tolist()
+    return {
+        "pixel_values": torch.cat([per_image[i] for i in picked]),  # (Σ patches of the rows, D)
+        "image_grid_thw": grid[index],  # (R, 3)
+    }
 
 
 def pad_responses(responses: Sequence[Sequence[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +200,8 @@ def shared_prefix_logps(
     device = prefix["input_ids"].device
     index = torch.as_tensor(list(owner), dtype=torch.long, device=device)  # (R,)
     attn = prefix["attention_mask"]  # (B, P)
-    positions = (attn.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) left padding -> real positions
-    inputs = dict(prefix)
+    positions = prefix_positions(prefix)  # (B, P) or (3, B, P)
+    inputs = {k: v for k, v in prefix.items() if k != "position_ids"}
     if mm_encoder_outputs is not None:
         inputs.pop("pixel_values", None)
         inputs["mm_encoder_outputs"] = mm_encoder_outputs
@@ -127,7 +211,7 @@ def shared_prefix_logps(
     cache.batch_select_indices(index)  # (B, ...) -> (R, ...): each response row gets its example's prefix
     ids, mask = pad_responses(responses, pad_id=pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    resp_pos = positions[:, -1:][index] + 1 + torch.arange(ids.shape[1], device=device)  # (R, T)
+    resp_pos = following_positions(positions[..., index, :], ids.shape[1])  # (R, T) or (3, R, T)
     full_mask = torch.cat([attn[index], mask.long()], dim=1)  # (R, P + T)
     rest = response_logits(model, cache, checkpointing=activation_checkpointing, input_ids=ids,
                            attention_mask=full_mask, position_ids=resp_pos)  # fmt: skip
@@ -153,10 +237,11 @@ def separate_logps(
     ids, mask = pad_responses(responses, pad_id=pad_id)
     ids, mask = ids.to(device), mask.to(device)
     attn = torch.cat([prefix["attention_mask"][index], mask.long()], dim=1)  # (R, P + T)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (R, P + T)
+    rows = prefix_positions(prefix)[..., index, :]  # (R, P) or (3, R, P)
+    positions = torch.cat([rows, following_positions(rows, ids.shape[1])], dim=-1)  # (..., R, P + T)
     seq = torch.cat([prefix["input_ids"][index], ids], dim=1)  # (R, P + T)
     logits = model(
-        input_ids=seq, pixel_values=prefix["pixel_values"][index], attention_mask=attn, position_ids=positions
+        input_ids=seq, attention_mask=attn, position_ids=positions, **image_rows(prefix, index)
     ).logits  # (R, P + T, V)
     width = prefix["input_ids"].shape[1]
     token_logps = _gather_logps(logits[:, width - 1 : -1], ids, mask)  # (R, T)
@@ -172,11 +257,21 @@ def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     return feats  # (B, N, D)
 
 
-def features_as_encoder_outputs(features: torch.Tensor) -> dict:
-    """Wrap (B, N, D) visual tokens so that the model's forward uses them instead of the pixels."""
+def image_feature_list(model: Any, prefix: dict) -> list[torch.Tensor]:
+    """Projected visual tokens at the LLM input, one (N_i, D) per image: N_i varies per image in the
+    Qwen2-VL family (its resolution sets its grid), is the same for every image in LLaVA."""
+    extra = {"image_grid_thw": prefix["image_grid_thw"]} if "image_grid_thw" in prefix else {}
+    pixels = prefix["pixel_values"].to(device=model.device, dtype=model.dtype)
+    out = model.model.get_image_features(pixel_values=pixels, return_dict=True, **extra)
+    return list(out.pooler_output)  # (B, N, D) tensor or a tuple of (N_i, D): one (N_i, D) per image
+
+
+def features_as_encoder_outputs(features: torch.Tensor | Sequence[torch.Tensor]) -> dict:
+    """Wrap visual tokens ((B, N, D), or one (N_i, D) per image) so the model's forward uses them instead of
+    the pixels."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    per_image = tuple(features)  # one (N, D) per image: what LLaVA's forward concatenates
+    per_image = tuple(features)  # one (N_i, D) per image: what LLaVA's and Qwen2-VL's forwards concatenate
     return {"image": BaseModelOutputWithPooling(pooler_output=per_image)}  # type: ignore[arg-type]
 
 

@@ -10,6 +10,7 @@ Batch layout. Prompts are left-padded, so every prefix ends at the same column. 
 minus its last token; each request's *segment* is ``[last prompt token, *forced]``, also left-padded, so all
 segments end at the same column and a segment is never empty (a request with no forced tokens still gets its
 first logits from the segment). Padding in the middle of a row is masked out and position ids skip it.
+Position ids are (R, L) for 1-D RoPE or (3, R, L) for mRoPE (Qwen2-VL family); the batch axis is second to last.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from hscr_platform.models.engines.decoding import Continuation, ContinuationRequest
-from hscr_platform.models.logprobs import encode_prefixes
+from hscr_platform.models.logprobs import encode_prefixes, image_rows, prefix_positions
 
 
 @dataclass
@@ -40,7 +41,7 @@ class _Batch:
     rows: list[int]  # request indices
     cache: Any  # DynamicCache, batch = len(rows)
     mask: torch.Tensor  # (A, L) attention mask over cache + fed tokens
-    next_pos: torch.Tensor  # (A,) position id of the next token
+    next_pos: torch.Tensor  # (A,) or (3, A): position id of the next token
     logits: torch.Tensor  # (A, V) logits of the next token
 
 
@@ -145,12 +146,12 @@ class HFDecoder:
         )
         ids = prefix["input_ids"].to(device)  # (E, P)
         attn = prefix["attention_mask"].to(device)  # (E, P)
-        positions = (attn.long().cumsum(-1) - 1).clamp(min=0)  # (E, P)
+        positions = prefix_positions(prefix).to(device)  # (E, P) or (3, E, P)
+        images = image_rows(prefix, torch.arange(len(heads)))  # every prefix row
+        images = {k: v.to(device) for k, v in images.items()}
+        images["pixel_values"] = images["pixel_values"].to(self.model.dtype)
         out = self._forward(
-            input_ids=ids[:, :-1],
-            attention_mask=attn[:, :-1],
-            position_ids=positions[:, :-1],
-            pixel_values=prefix["pixel_values"].to(device=device, dtype=self.model.dtype),
+            input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=positions[..., :-1], **images
         )
         self.stats.prefixes += len(heads)
         index = torch.as_tensor(owner, dtype=torch.long, device=device)  # (R,)
@@ -158,20 +159,21 @@ class HFDecoder:
         if len(heads) != len(requests):
             cache.batch_select_indices(index)  # (E, ...) -> (R, ...)
         segments = [[int(ids[o, -1]), *r.forced] for o, r in zip(owner, requests, strict=True)]
-        seg_ids, seg_mask, seg_pos = self._segments(segments, positions[index, -1])
+        seg_ids, seg_mask, seg_pos = self._segments(segments, positions[..., index, -1])
         mask = torch.cat([attn[index, :-1], seg_mask], dim=1)  # (R, P - 1 + S)
         out = self._forward(
             input_ids=seg_ids, attention_mask=mask, position_ids=seg_pos, past_key_values=cache, keep=0
         )  # logits (R, S, V)
         forced = _forced_logprobs(out.logits, seg_ids, [len(r.forced) for r in requests])
-        next_pos = seg_pos[:, -1] + 1  # (R,)
+        next_pos = seg_pos[..., -1] + 1  # (R,) or (3, R)
         batch = _Batch(list(range(len(requests))), out.past_key_values, mask, next_pos, out.logits[:, -1])
         return batch, forced
 
     def _segments(
         self, segments: Sequence[Sequence[int]], start: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded (R, S) segment ids, mask and position ids (``start[r]``: position of token 0)."""
+        """Left-padded (R, S) segment ids, mask and position ids (``start[..., r]``: position of token 0;
+        positions come out (R, S), or (3, R, S) for a (3, R) start)."""
         width = max(len(s) for s in segments)
         device = start.device
         ids = torch.full((len(segments), width), self.pad_id, dtype=torch.long, device=device)  # (R, S)
@@ -180,7 +182,7 @@ class HFDecoder:
             ids[i, width - len(seg) :] = torch.as_tensor(list(seg), dtype=torch.long, device=device)
             mask[i, width - len(seg) :] = 1
         offsets = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, S): 0 on the padding, then 0..len-1
-        return ids, mask, start.unsqueeze(1) + offsets  # (R, S) each
+        return ids, mask, start.unsqueeze(-1) + offsets  # (R, S) each; positions (..., R, S)
 
     def _emit(self, batch: _Batch, tokens: list[list[int]], logps: list[list[float]]) -> None:
         """Append each active row's greedy token and its log-prob."""
@@ -200,7 +202,7 @@ class HFDecoder:
         index = torch.as_tensor(keep, dtype=torch.long, device=batch.mask.device)  # (A',)
         batch.cache.batch_select_indices(index)
         rows = [batch.rows[i] for i in keep]
-        return _Batch(rows, batch.cache, batch.mask[index], batch.next_pos[index], batch.logits[index])
+        return _Batch(rows, batch.cache, batch.mask[index], batch.next_pos[..., index], batch.logits[index])
 
     def _step(self, batch: _Batch, tokens: list[list[int]]) -> _Batch:
         """Feed every active row its last token: the next logits."""
@@ -209,7 +211,7 @@ class HFDecoder:
         out = self._forward(
             input_ids=fed[:, None],
             attention_mask=mask,
-            position_ids=batch.next_pos[:, None],
+            position_ids=batch.next_pos[..., None],
             past_key_values=batch.cache,
         )
         return _Batch(batch.rows, out.past_key_values, mask, batch.next_pos + 1, out.logits[:, -1])
