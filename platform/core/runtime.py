@@ -45,6 +45,7 @@ def init_ray(cfg: RayConfig) -> Any:
         ray.init(address=address, log_to_driver=True)
         return ray
     use_local_token()
+    _refresh_auth_config()
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,
@@ -76,3 +77,14 @@ def use_local_token() -> Path | None:
     token = write_token(folder / TOKEN_FILE)
     os.environ.update(auth_env(token))
     return token
+
+
+def _refresh_auth_config() -> None:
+    """Make an already imported Ray see the auth variables set since (Ray caches RAY_AUTH_MODE at import).
+
+    The same two calls Ray makes itself when ``ray.init`` turns token auth on (authentication_token_setup).
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
