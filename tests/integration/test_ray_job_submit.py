@@ -8,6 +8,7 @@ would stop every Ray cluster on the machine).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -146,6 +147,45 @@ def test_tiny_pipeline_submitted_as_a_ray_job_succeeds(head, tmp_path):
     report = json.loads((sft / "eval.json").read_text())
     assert 0.0 <= report["metrics"]["closed_accuracy"] <= 1.0
     assert "| closed accuracy |" in out and "[pipeline] done" in out
+
+
+def _ship_job_script() -> Any:
+    spec = importlib.util.spec_from_file_location("ship_job", REPO / "scripts" / "ship_job.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_wheel_is_what_the_job_imports_not_the_heads_environment(head, tmp_path):
+    """scripts/ship_job.py's wheel, built from a checkout with a module the head's environment lacks."""
+    ship = _ship_job_script()
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ship.SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, checkout / name)
+    mark = uuid.uuid4().hex
+    (checkout / "platform" / "core" / "_shipped_probe.py").write_text(f"MARK = {mark!r}\n")  # an edit not installed
+    wheel, env_file = ship.prepare(checkout, REPO / "cluster" / "runtime_env.yaml", tmp_path / "ship")
+    probe = (
+        "import json, hscr_platform.core as core, hscr_platform.core.cli as cli, hscr_platform.core._shipped_probe"
+        " as probe; print('SHIPPED', json.dumps({'mark': probe.MARK, 'core': core.__file__, 'cli': cli.__file__}))"
+    )
+    job_id = f"hscr-test-{uuid.uuid4().hex[:8]}"
+    cmd = ship.submit_command(head.dashboard_url, env_file, ["python", "-c", probe], ["--submission-id", job_id])
+    proc = subprocess.run(cmd, cwd=REPO, env=client_env(head), capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("SHIPPED ")]
+    print(f"wheel {wheel.name}; the job printed: {line}")
+    seen = json.loads(line.removeprefix("SHIPPED "))
+    assert seen["mark"] == mark, "the job ran the shipped code"
+    for path in (seen["core"], seen["cli"]):
+        assert path.startswith(head.temp_dir) and "py_modules_files" in path, path
+        assert not path.startswith(str(REPO)), "not the head's own (editable) install"
 
 
 def test_stop_head_stops_only_that_head(head):
