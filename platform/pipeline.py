@@ -17,8 +17,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from hscr_platform.ablation import AblationConfig
 from hscr_platform.core.cache import is_complete, mark_complete, stage_dir
 from hscr_platform.core.config import config_hash, load_config
 from hscr_platform.core.runtime import RayConfig
@@ -45,6 +46,8 @@ class PipelineConfig:
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> ["key=value", ...]
     dpo_baseline: bool = True  # also train plain single-pair DPO (y_w vs the closest negative)
+    generate_from: Literal["train", "instruct"] = "train"  # the SynthMed folder HSCR's entries are drawn from
+    ablation: AblationConfig | None = None  # set: the seeded ablation instead of one HSCR and one DPO run
     tracking_uri: str | None = None  # null: sqlite:///<root>/mlflow.db (absolute)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -66,6 +69,7 @@ class Plan:
     train: Any
     dpo: Any | None
     evaluate: Any
+    sweeps: dict[str, Any] | None = None  # ablation: method -> its Tune sweep (validation only)
 
 
 def _stage_config(cls: type, profile: str, extra: Sequence[str], cfg: PipelineConfig, stage: str) -> Any:
@@ -91,7 +95,11 @@ def _plan_data(cfg: PipelineConfig) -> tuple[Any, Path, Any, Path]:
         cfg,
         "synthmed",
     )
-    paths = [f"data.train={data / 'train'}", f"data.eval={data / 'test'}", f"output.root={cfg.root}"]
+    # The ablation chooses on validation only, so the base model's quick check reads validation there too.
+    check = data / ("validation" if cfg.ablation else "test")
+    paths = [f"data.train={data / 'train'}", f"data.eval={check}", f"output.root={cfg.root}"]
+    if world.synthmed.splits.instruct:
+        paths.append(f"data.instruct={data / 'instruct'}")
     sft = _stage_config(SftJobConfig, cfg.profiles.sft, paths, cfg, "sft")
     return synthmed, data, sft, stage_dir(cfg.root, "sft", sft) / "model"
 
@@ -99,7 +107,7 @@ def _plan_data(cfg: PipelineConfig) -> tuple[Any, Path, Any, Path]:
 def _plan_generate(cfg: PipelineConfig, data: Path, base: Path) -> Any:
     from hscr_platform.generation.job import GenerateJobConfig, generation_hash
 
-    inputs = [f"data.input={data / 'train'}", f"model.path={base}", "model.from_sft_config=null",
+    inputs = [f"data.input={data / cfg.generate_from}", f"model.path={base}", "model.from_sft_config=null",
               f"tracking.uri={_uri(cfg)}"]  # fmt: skip
     probe = _stage_config(GenerateJobConfig, cfg.profiles.generate, [*inputs, "output.path=."], cfg, "generate")
     out = Path(cfg.root) / "generate" / generation_hash(probe)
@@ -133,11 +141,39 @@ def plan(cfg: PipelineConfig) -> Plan:
     prefs = Path(generate.output.path) / "preferences"
     train = _plan_train(cfg, prefs, base, "train", [])
     dpo = _plan_train(cfg, prefs, base, "dpo", ["loss.weights=dpo", "data.max_levels=2"]) if cfg.dpo_baseline else None
+    if cfg.ablation is not None:
+        sweeps = _plan_sweeps(cfg, cfg.ablation, prefs, base, data)
+        evaluate = _plan_evaluate(cfg, data, {"base": base})  # validated now; the models are added after training
+        return Plan(synthmed, data, sft, base, generate, train, None, evaluate, sweeps)
     models = {"base": base, "hscr": Path(cfg.root) / "train" / run_name(train) / "model"}
     if dpo is not None:
         models["dpo"] = Path(cfg.root) / "train" / run_name(dpo) / "model"
     evaluate = _plan_evaluate(cfg, data, models)
     return Plan(synthmed, data, sft, base, generate, train, dpo, evaluate)
+
+
+def _plan_sweeps(cfg: PipelineConfig, ab: AblationConfig, prefs: Path, base: Path, data: Path) -> dict[str, Any]:
+    from hscr_platform.ablation import sweep_config
+    from hscr_platform.sweep import train_config
+
+    paths = [*cfg.overrides.get("train", ()), f"data.path={prefs}", f"policy.path={base}",
+             f"output.root={cfg.root}", "output.name=null", f"tracking.uri={_uri(cfg)}"]  # fmt: skip
+    sweeps = {
+        method: sweep_config(
+            ab,
+            method,
+            train_profile=cfg.profiles.train,
+            train_paths=paths,
+            validation=data / "validation",
+            root=str(Path(cfg.root).resolve()),
+            tracking_uri=_uri(cfg),
+            ray=cfg.ray,
+        )
+        for method in ab.methods
+    }
+    for sweep in sweeps.values():  # every method's search space fits the train config, before any work
+        train_config(sweep, {dim.key: dim.low for dim in sweep.space})
+    return sweeps
 
 
 def run_synthmed(stages: Plan) -> Path:
@@ -210,10 +246,70 @@ def write_report(cfg: PipelineConfig, stages: Plan, results: dict[str, Any], sec
     return path
 
 
+def run_inputs(stages: Plan) -> dict[str, Any]:
+    """The stages every ablation method shares: SynthMed, the base model, the preference data."""
+    from hscr_platform.generation.job import run as generate_run
+    from hscr_platform.training.sft import run as sft_run
+
+    results: dict[str, Any] = {"synthmed": str(run_synthmed(stages)), "sft": dict(sft_run(stages.sft))}
+    print("[pipeline] generate: HSCR preference data", flush=True)
+    results["generate"] = generate_run(stages.generate)
+    return results
+
+
+def run_selection(stages: Plan) -> dict[str, dict[str, Any]]:
+    """Ablation, part 1: every method's sweep, scored on validation (the test split is not opened)."""
+    from hscr_platform.ablation import select
+
+    assert stages.sweeps is not None
+    return select(stages.sweeps)
+
+
+def run_ablation_test(cfg: PipelineConfig, stages: Plan, chosen: dict[str, dict], results: dict) -> Path:
+    """Ablation, part 2: every method × seed trained with its chosen config (and HSCR round 2), all models
+    evaluated once on test, report.md written; returns the report's path."""
+    from hscr_platform import ablation
+    from hscr_platform.evaluation.job import run as evaluate_run
+
+    ab, sweeps = cfg.ablation, stages.sweeps
+    assert ab is not None and sweeps is not None
+    models = ablation.train_seeds(sweeps, chosen, ab.seeds)
+    methods = list(ab.methods)
+    if ab.rounds == 2:
+        models |= ablation.round_two(sweeps["hscr"], chosen["hscr"], models, ab.seeds, stages.generate)
+        methods.append(ablation.ROUND_TWO)
+    print(f"[pipeline] evaluate: base + {len(models)} models on the test split (read once)", flush=True)
+    evaluate = _plan_evaluate(cfg, stages.synthmed_dir, {"base": stages.base_model, **models})
+    results["evaluate"] = evaluate_run(evaluate)
+    table = ablation.per_method(results["evaluate"]["results"], methods, ab.seeds)
+    lines = ablation.report_lines(table, chosen, ab.seeds)
+    lines += ["", f"- evaluation: {evaluate.output.path}", f"- MLflow: `mlflow ui --backend-store-uri {_uri(cfg)}`"]
+    report = Path(cfg.root) / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (Path(cfg.root) / "ablation.json").write_text(json.dumps({"chosen": chosen, "models": models, "table": table},
+                                                             indent=2, default=str))  # fmt: skip
+    return report
+
+
+def preflight(cfg: PipelineConfig, stages: Plan) -> None:
+    """Everything the stages need from outside the run, checked in one pass before the first stage starts."""
+    from hscr_platform.core.preflight import pipeline_checks, require
+    from hscr_platform.models.loading import check_vlm_folder
+
+    require(pipeline_checks(cfg, stages, tracking_uri=_uri(cfg), check_model=check_vlm_folder), job="pipeline")
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage in order; print the comparison table, the verdict and where everything is."""
     t0 = time.time()
     stages = plan(cfg)  # a bad key or path in any stage fails here, before any work
+    preflight(cfg, stages)  # so does every missing model, input, tracking server or Ray cluster: all listed at once
+    if cfg.ablation is not None:
+        results = run_inputs(stages)
+        report = run_ablation_test(cfg, stages, run_selection(stages), results)
+        print("\n" + report.read_text())
+        print(f"[pipeline] ablation done in {time.time() - t0:.0f}s; report: {report}")
+        return results
     results = run_stages(stages)
     report = write_report(cfg, stages, results, time.time() - t0)
     print("\n" + report.read_text())

@@ -149,7 +149,8 @@ def validate_row(values: dict[str, Any], *, chunk: dict[str, Any], offset: int, 
             return {**state, "image": row["image"]}
         reason, detail = found.reason, found.detail
     rejected = {"id": row_id, "source": str(row.get("source") or ""), "reason": reason, "detail": detail}
-    return {"chunk": chunk["index"], "row": position, "id": row_id, "reject": rejected}
+    return {"chunk": chunk["index"], "row": position, "id": row_id, "reject": rejected,
+            "question_type": row.get("question_type")}  # fmt: skip
 
 
 def read_chunk_batch(table: pa.Table, *, data: GenDataConfig) -> pa.Table:
@@ -185,7 +186,12 @@ def unpack(table: pa.Table) -> list[dict]:
 def _final(state: dict) -> dict:
     """What the driver needs of a finished row (drops the intermediate scoring / decoding state)."""
     keep = "preference" if "preference" in state else "reject"
-    return {"chunk": state["chunk"], "row": state["row"], keep: state[keep]}
+    return {
+        "chunk": state["chunk"],
+        "row": state["row"],
+        keep: state[keep],
+        "question_type": state.get("question_type"),
+    }
 
 
 class StageActor:
@@ -294,9 +300,39 @@ def commit_chunk(out: Path, index: int, states: Sequence[dict]) -> dict[str, Any
         "reject_reasons": dict(Counter(r["reason"] for r in rejects)),
         "num_levels": dict(Counter(str(p["num_levels"]) for p in prefs)),
         "level_m": dict(Counter(str(len(ps)) for p in prefs for ps in p["replaced_positions"])),
+        "by_question_type": by_question_type(ordered),
     }
     _write_json(out / "_manifest" / f"chunk-{index:05d}.json", entry)
     return entry
+
+
+def by_question_type(states: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per input question type: rows, preference rows, and the histogram of their number of levels (1 + k)."""
+    out: dict[str, dict[str, Any]] = {}
+    for state in states:
+        entry = out.setdefault(str(state.get("question_type") or "unknown"), {"rows": 0, "preferences": 0,
+                                                                             "num_levels": {}})  # fmt: skip
+        entry["rows"] += 1
+        if "preference" in state:
+            entry["preferences"] += 1
+            levels = str(state["preference"]["num_levels"])
+            entry["num_levels"][levels] = entry["num_levels"].get(levels, 0) + 1
+    return out
+
+
+def merge_by_question_type(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The chunks' per-type counts added up, with each type's preference yield (preferences / rows)."""
+    rows: Counter[str] = Counter()
+    prefs: Counter[str] = Counter()
+    levels: dict[str, Counter[str]] = {}
+    for entry in entries:
+        for qtype, counts in entry.get("by_question_type", {}).items():
+            rows[qtype] += counts["rows"]
+            prefs[qtype] += counts["preferences"]
+            levels.setdefault(qtype, Counter()).update(counts["num_levels"])
+    return {qtype: {"rows": rows[qtype], "preferences": prefs[qtype],
+                    "yield": round(prefs[qtype] / rows[qtype], 4) if rows[qtype] else 0.0,
+                    "num_levels": dict(sorted(levels[qtype].items()))} for qtype in sorted(rows)}  # fmt: skip
 
 
 def committed_chunks(out: Path) -> set[int]:
@@ -359,6 +395,7 @@ def summarize(out: Path, plan: ChunkPlan, *, status: str, seconds: float, earlie
         "rows_this_run": new_rows,
         "examples_per_s": round(new_rows / max(seconds, 1e-9), 3),
         **{key: dict(sorted(counter.items())) for key, counter in totals.items()},
+        "by_question_type": merge_by_question_type(entries),
     }
     _write_json(out / "summary.json", summary)
     return summary
