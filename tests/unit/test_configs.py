@@ -100,6 +100,7 @@ JOB_CONFIGS = {
     "pipeline": ("hscr_platform.pipeline", "PipelineConfig"),
     "evaluate": ("hscr_platform.evaluation.job", "EvaluateJobConfig"),
     "sweep": ("hscr_platform.sweep", "SweepJobConfig"),
+    "convert": ("hscr_platform.models.convert", "ConvertJobConfig"),
 }
 
 
