@@ -8,6 +8,10 @@ implicit rewards ``r_i = γ (log π_θ(y_i) − log π_ref(y_i))`` the loss of o
 and the pair-weight matrix ``W`` (``W[i, j]`` weighs "level i beats level j", strictly upper-triangular)
 picks the variant: the paper's ``L_E + L_I`` (all pairs), explicit or implicit only, adjacent pairs, per-level
 sweep weights, or plain DPO (``k = 1``). There is one loss function and no per-variant branch.
+
+An optional NLL term on ``y_w`` (RPO, Pang et al. 2024; TRL's ``rpo_alpha``; not in the HSCR paper) adds
+``λ · (−log π_θ(y_w) / |y_w|)`` per example: DPO-family losses can lower the preferred answer's likelihood while
+widening the margins, and the NLL term holds it up.
 """
 
 from __future__ import annotations
@@ -84,6 +88,16 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum()  # ()
 
 
+def preferred_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Length-normalised negative log-likelihood of ``y_w``: ``nll_b = −log π_θ(y_w | x, I) / |y_w|``.
+
+    chosen_logps: (B,) summed log-probs of ``y_w``; chosen_tokens: (B,) its response token counts (a count
+    below 1 is taken as 1). Returns (B,), the mean per-token NLL of each example's ``y_w``. TRL's ``rpo_alpha``
+    averages over all chosen tokens of the batch instead; per example, a long answer weighs as much as a short one.
+    """
+    return -chosen_logps / chosen_tokens.to(chosen_logps).clamp(min=1.0)  # (B,)
+
+
 def multilevel_dpo_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -91,15 +105,22 @@ def multilevel_dpo_loss(
     gamma: float,
     pair_weights: torch.Tensor,
     level_mask: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Multi-level DPO: ``loss_b = Σ_{i<j} W[i, j] · (−log σ(r_i − r_j))``, ``r = γ (logπ − logπ_ref)``.
+    """Multi-level DPO: ``loss_b = Σ_{i<j} W[i, j] · (−log σ(r_i − r_j)) + λ · nll_b``, ``r = γ (logπ − logπ_ref)``.
 
     policy_logps, ref_logps: (B, L) summed response log-probs, level 0 preferred; ``ref_logps`` is detached.
     pair_weights: (L, L) strictly upper-triangular. level_mask: (B, L) bool, True where the level exists
     (level 0 must); pairs touching a missing level contribute 0, whatever its log-probs hold (NaN included).
+    nll_weight: λ ≥ 0 of the NLL term on ``y_w`` (``preferred_nll``, 0 for an example without ``y_w``);
+    chosen_tokens: (B,) token counts of ``y_w``, needed when λ > 0; whenever given, ``nll_loss`` (the mean
+    ``nll_b`` over examples with ``y_w``) is among the metrics.
     Returns (per_example_loss (B,), metrics): metrics are detached TRL-named scalars, see ``_reward_metrics``.
     """
     _check_weights(pair_weights)
+    if nll_weight < 0 or (nll_weight > 0 and chosen_tokens is None):
+        raise ValueError(f"nll_weight must be >= 0 and needs chosen_tokens when > 0, got {nll_weight}")
     if level_mask is None:
         level_mask = torch.ones_like(policy_logps, dtype=torch.bool)  # (B, L)
     weights = pair_weights.to(policy_logps)  # (L, L)
@@ -109,7 +130,13 @@ def multilevel_dpo_loss(
     pair_valid = level_mask[:, :, None] & level_mask[:, None, :]  # (B, L, L)
     pair_weight = torch.where(pair_valid, weights, 0.0)  # (B, L, L)
     per_example = (pair_weight * -F.logsigmoid(margins)).sum(dim=(1, 2))  # (B,)
-    return per_example, _reward_metrics(rewards.detach(), margins.detach(), pair_weight, level_mask)
+    metrics = _reward_metrics(rewards.detach(), margins.detach(), pair_weight, level_mask)
+    if chosen_tokens is not None:
+        nll = torch.where(level_mask[:, 0], preferred_nll(policy_logps[:, 0], chosen_tokens), 0.0)  # (B,)
+        metrics["nll_loss"] = _masked_mean(nll.detach(), level_mask[:, 0])
+        if nll_weight > 0:
+            per_example = per_example + nll_weight * nll  # (B,)
+    return per_example, metrics
 
 
 def _reward_metrics(

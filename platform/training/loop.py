@@ -68,13 +68,22 @@ def lr_at(step: int, *, base_lr: float, warmup: int, total: int, min_ratio: floa
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def micro_loss(per_example: torch.Tensor, *, reduction: str, nominal: int) -> torch.Tensor:
-    """Sum, or mean over the nominal micro-batch (a skipped row counts as zero, never reweighting the others).
+def micro_loss(per_example: torch.Tensor, *, reduction: str, nominal: int, micro_batches: int) -> torch.Tensor:
+    """One micro-batch's loss, scaled so that DeepSpeed's averaging gives ``loss.reduction`` over the global batch.
 
-    DeepSpeed then averages over workers and accumulation steps: the mean is over the nominal global batch.
+    DeepSpeed divides each micro-batch's loss by the accumulation steps and averages the gradients over
+    workers: it averages over the ``micro_batches = workers × accum`` micro-batches of a step. Hence
+    - mean: ``Σ_b loss_b / nominal`` (nominal = micro-batch size; a skipped row counts as zero, never
+      reweighting the others) → the mean over the nominal global batch;
+    - sum: ``Σ_b loss_b · micro_batches`` → the sum over the global batch (its gradient is the sum of the
+      per-example gradients, whatever the worker / accumulation split).
     """
     total = per_example.sum()  # ()
-    return total / nominal if reduction == "mean" else total
+    if reduction == "mean":
+        return total / nominal
+    if reduction == "sum":
+        return total * micro_batches
+    raise ValueError(f"unknown loss.reduction {reduction!r}; expected 'mean' or 'sum'")
 
 
 class NonFinite(RuntimeError):
@@ -117,6 +126,7 @@ class StepContext:
     device: torch.device
     nominal: int  # micro-batch size
     grad_norm: float | None = None  # computed here where DeepSpeed keeps none (stage 0, fp32)
+    micro_batches: int = 1  # micro-batches DeepSpeed averages a step's gradients over: workers × accum
 
 
 def _to_device(prefix: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -133,14 +143,18 @@ def micro_step(ctx: StepContext, batch: PrefBatch, step: int) -> tuple[float, di
     if any_worker(bool(batch.needs_ref.any()), ctx.device):
         computed = as_matrix(ctx.reference.logps(batch, prefix, pad_id).float(), batch, num_levels=num_levels)
         ref = torch.where(batch.needs_ref.to(ctx.device)[:, None], computed, ref)  # (B, L)
-    flat = shared_prefix_logps(ctx.engine, prefix, batch.responses, batch.owner, pad_id=pad_id,
-                               activation_checkpointing=ctx.cfg.activation_checkpointing)[0]  # (R,)  # fmt: skip
+    flat, _, resp_mask = shared_prefix_logps(ctx.engine, prefix, batch.responses, batch.owner, pad_id=pad_id,
+                                             activation_checkpointing=ctx.cfg.activation_checkpointing)  # fmt: skip
     policy = as_matrix(flat.float(), batch, num_levels=num_levels)  # (B, L)
+    chosen_tokens = as_matrix(resp_mask.sum(-1).float(), batch, num_levels=num_levels)[:, 0]  # (B,) |y_w|
     mask = batch.level_mask.to(ctx.device)  # (B, L)
+    loss_cfg = ctx.cfg.loss
     per_example, metrics = multilevel_dpo_loss(
-        policy, ref, gamma=ctx.cfg.loss.gamma, pair_weights=ctx.weights, level_mask=mask
-    )  # (B,)
-    loss = micro_loss(per_example, reduction=ctx.cfg.loss.reduction, nominal=ctx.nominal)
+        policy, ref, gamma=loss_cfg.gamma, pair_weights=ctx.weights, level_mask=mask,
+        nll_weight=loss_cfg.nll_weight, chosen_tokens=chosen_tokens,
+    )  # (B,)  # fmt: skip
+    loss = micro_loss(per_example, reduction=loss_cfg.reduction, nominal=ctx.nominal,
+                      micro_batches=ctx.micro_batches)  # fmt: skip
     if any_worker(not bool(torch.isfinite(loss)), ctx.device):  # every worker stops at the same step
         ids = gather_ids(batch.ids)
         raise NonFinite(f"non-finite loss at step {step}; examples of the micro-batch: {ids}")
@@ -266,7 +280,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
     if state.step and rank == 0:
         print(f"{LOG} resuming at step {state.step} of {plan.total_steps}", flush=True)
     ctx = StepContext(cfg, engine, Reference(cfg, engine, device), processor,
-                      pair_weights(cfg.loss, cfg.data.max_levels), device, batch.micro)  # fmt: skip
+                      pair_weights(cfg.loss, cfg.data.max_levels), device, batch.micro,
+                      micro_batches=batch.workers * batch.accum)  # fmt: skip
     part = Slicing(rank=rank, world=world, micro=batch.micro)
     stream = prepared_batches(cfg, plan, part, start_step=state.step, global_batch=batch.global_batch,
                               processor=processor)  # fmt: skip

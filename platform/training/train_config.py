@@ -51,11 +51,14 @@ class LossConfig:
     weights: WeightsName = "all_pairs"  # the paper's L_E + L_I
     explicit: tuple[float, ...] = ()  # custom: w_E_1..w_E_k (k = data.max_levels − 1)
     implicit: float | tuple[tuple[float, ...], ...] = 1.0  # custom: one w_I for every j < m, or a (k, k) matrix
-    reduction: Literal["mean", "sum"] = "mean"  # over examples (pairs are summed)
+    reduction: Literal["mean", "sum"] = "mean"  # over the global batch's examples (pairs are summed)
+    nll_weight: float = 0.0  # λ of the length-normalised NLL on y_w (RPO, TRL rpo_alpha); 0 = off
 
     def __post_init__(self) -> None:
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if not self.nll_weight >= 0:
+            raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)

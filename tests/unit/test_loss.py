@@ -20,6 +20,7 @@ from hscr.loss import (
     implicit_weights,
     level_weights,
     multilevel_dpo_loss,
+    preferred_nll,
     reduce_loss,
 )
 
@@ -192,3 +193,55 @@ def test_weights_that_reverse_preferences_are_rejected() -> None:
             gamma=GAMMA,
             pair_weights=torch.tensor([[0.0, 0.0], [1.0, 0.0]]),
         )
+
+
+# --- the NLL term on y_w (RPO / TRL rpo_alpha) ---------------------------------------------------------------
+
+DPO_POLICY = torch.tensor([[-10.0, -12.0], [-20.0, -18.0]])
+DPO_REF = torch.tensor([[-11.0, -11.5], [-19.0, -18.5]])
+
+
+def test_preferred_nll_is_per_token_by_hand() -> None:
+    """nll = −logπ(y_w) / |y_w|: −(−10) / 4 = 2.5, −(−20) / 5 = 4.0; a count of 0 is taken as 1: 3.0."""
+    nll = preferred_nll(torch.tensor([-10.0, -20.0, -3.0]), torch.tensor([4.0, 5.0, 0.0]))
+    torch.testing.assert_close(nll, torch.tensor([2.5, 4.0, 3.0]))
+
+
+def test_nll_term_adds_lambda_times_nll_with_its_gradient() -> None:
+    """λ = 0.5, |y_w| = (4, 5): loss = DPO + 0.5 · (2.5, 4.0) = (0.620957 + 1.25, 0.770957 + 2.0);
+    d loss / d π_c = −γ σ(−m) − λ / |y_w| = −0.0462570 − 0.125, −0.0537430 − 0.1; rejected unchanged."""
+    policy = DPO_POLICY.clone().requires_grad_(True)
+    tokens = torch.tensor([4.0, 5.0])
+    per_example, metrics = multilevel_dpo_loss(
+        policy, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights(), nll_weight=0.5, chosen_tokens=tokens
+    )
+    torch.testing.assert_close(per_example.detach(), torch.tensor([1.870957, 2.770957]), atol=1e-6, rtol=0)
+    assert float(metrics["nll_loss"]) == pytest.approx(3.25)  # mean(2.5, 4.0)
+    per_example.sum().backward()
+    expected = torch.tensor([[-0.1712570, 0.0462570], [-0.1537430, 0.0537430]])
+    assert policy.grad is not None
+    torch.testing.assert_close(policy.grad, expected, atol=1e-7, rtol=0)
+
+
+def test_nll_weight_zero_is_todays_loss_and_missing_examples_add_nothing() -> None:
+    plain, plain_metrics = multilevel_dpo_loss(DPO_POLICY, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights())
+    tokens = torch.tensor([4.0, 5.0])
+    off, metrics = multilevel_dpo_loss(DPO_POLICY, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights(),
+                                       chosen_tokens=tokens)  # fmt: skip
+    torch.testing.assert_close(off, plain)
+    assert "nll_loss" not in plain_metrics and float(metrics["nll_loss"]) == pytest.approx(3.25)
+    # example 1 is a filler (no level exists): neither its pairs nor its NLL count, even with NaN log-probs
+    policy = torch.tensor([[-10.0, -12.0], [math.nan, math.nan]])
+    mask = torch.tensor([[True, True], [False, False]])
+    per_example, metrics = multilevel_dpo_loss(policy, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights(),
+                                               level_mask=mask, nll_weight=0.5, chosen_tokens=tokens)  # fmt: skip
+    torch.testing.assert_close(per_example, torch.tensor([1.870957, 0.0]), atol=1e-6, rtol=0)
+    assert float(metrics["nll_loss"]) == pytest.approx(2.5)
+
+
+def test_nll_weight_needs_token_counts_and_is_not_negative() -> None:
+    with pytest.raises(ValueError, match="nll_weight"):
+        multilevel_dpo_loss(DPO_POLICY, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights(), nll_weight=0.5)
+    with pytest.raises(ValueError, match="nll_weight"):
+        multilevel_dpo_loss(DPO_POLICY, DPO_REF, gamma=GAMMA, pair_weights=dpo_weights(), nll_weight=-1.0,
+                            chosen_tokens=torch.tensor([4.0, 5.0]))  # fmt: skip

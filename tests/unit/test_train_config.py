@@ -47,6 +47,8 @@ def test_batch_mismatch_fails_at_load_naming_the_numbers():
     [
         ("loss.weights=pairs", "must be one of"),
         ("loss.gamma=0", "gamma must be > 0"),
+        ("loss.nll_weight=-0.1", "nll_weight must be >= 0"),
+        ("loss.reduction=max", "must be one of"),
         ("deepspeed.stage=1", "must be one of"),
         ("deepspeed.offload=true deepspeed.stage=0", "needs ZeRO"),
         ("loss.weights=custom loss.explicit=[1.0]", "loss.explicit needs 3 weights"),
@@ -142,8 +144,50 @@ def test_micro_loss_mean_is_over_the_nominal_micro_batch():
     from hscr_platform.training.loop import micro_loss
 
     per_example = torch.tensor([1.0, 3.0])  # a third row was skipped
-    assert micro_loss(per_example, reduction="mean", nominal=3).item() == pytest.approx(4 / 3)
-    assert micro_loss(per_example, reduction="sum", nominal=3).item() == 4.0
+    assert micro_loss(per_example, reduction="mean", nominal=3, micro_batches=4).item() == pytest.approx(4 / 3)
+    # sum: 4 micro-batches averaged by DeepSpeed, so the micro-batch sum 4 is scaled by 4
+    assert micro_loss(per_example, reduction="sum", nominal=3, micro_batches=4).item() == 16.0
+    with pytest.raises(ValueError, match="unknown loss"):
+        micro_loss(per_example, reduction="max", nominal=3, micro_batches=4)
+
+
+def _deepspeed_step_grad(reduction: str, weight: torch.Tensor, x: torch.Tensor, *, workers: int, accum: int):
+    """The step gradient as DeepSpeed forms it: each worker backpropagates ``micro_loss / accum`` for each of
+    its ``accum`` micro-batches; the gradients are then averaged over the workers. Per-example loss:
+    ``l_b = (x_b · w − 1)²``; the last row of the last micro-batch is skipped (not in ``per_example``)."""
+    from hscr_platform.training.loop import micro_loss
+
+    micro = x.shape[0] // (workers * accum)
+    per_worker = []
+    for rank in range(workers):
+        w = weight.clone().requires_grad_(True)
+        for step in range(accum):
+            start = (rank * accum + step) * micro
+            rows = x[start : start + micro]
+            if rank == workers - 1 and step == accum - 1:
+                rows = rows[:-1]  # a skipped row
+            per_example = (rows @ w - 1.0) ** 2  # (b,)
+            loss = micro_loss(per_example, reduction=reduction, nominal=micro, micro_batches=workers * accum)
+            (loss / accum).backward()
+        per_worker.append(w.grad)
+    return torch.stack(per_worker).mean(0)
+
+
+def test_sum_reduction_gradient_is_the_sum_of_per_example_gradients_over_two_ranks():
+    weight = torch.tensor([0.3, -0.2, 0.5])
+    x = torch.arange(24, dtype=torch.float32).reshape(8, 3) / 10  # 2 workers × accum 2 × micro 2
+    kept = x[:7]  # the skipped row is the last one
+    w = weight.clone().requires_grad_(True)
+    ((kept @ w - 1.0) ** 2).sum().backward()
+    per_example_sum = w.grad
+    for workers, accum in ((2, 2), (1, 4), (4, 1)):
+        summed = _deepspeed_step_grad("sum", weight, x, workers=workers, accum=accum)
+        torch.testing.assert_close(summed, per_example_sum)
+        meaned = _deepspeed_step_grad("mean", weight, x, workers=workers, accum=accum)
+        torch.testing.assert_close(meaned, per_example_sum / 8)  # the nominal global batch: 8 rows
+    # by hand, row 0 alone: x = (0, .1, .2), x·w − 1 = −0.92, grad 2·(−0.92)·x = (0, −0.184, −0.368)
+    row = _deepspeed_step_grad("sum", weight, torch.cat([x[:1], x[:1] * 0]), workers=1, accum=1)
+    torch.testing.assert_close(row, torch.tensor([0.0, -0.184, -0.368]))
 
 
 def test_deepspeed_config_matches_the_batch_plan(monkeypatch):
@@ -244,6 +288,21 @@ def test_step_record_with_stored_and_recomputed_references(step_setup):
     assert abs(record["rewards/margins"]) < 1e-4 and record["ref_forward_rows"] == 1
     assert record["grad_norm"] > 0  # computed by the loop where the engine keeps none
     assert record["counts"] == {"ref_recomputed/stale": 1} and record["skipped_rows"] == 0
+
+
+def test_step_adds_the_nll_term_on_y_w(step_setup):
+    from hscr_platform.training.loop import train_step
+
+    ctx, processor, examples = step_setup
+    batch = _prepared(processor, examples({}, {}))
+    records = []
+    for weight in (0.0, 0.5):  # lr 1e-30: the weights do not move between the two steps
+        loss = dataclasses.replace(ctx.cfg.loss, nll_weight=weight)
+        cfg = dataclasses.replace(ctx.cfg, loss=loss, optim=dataclasses.replace(ctx.cfg.optim, lr=1e-30))
+        records.append(train_step(dataclasses.replace(ctx, cfg=cfg), [batch, batch], step=0, total=4))
+    off, on = records
+    assert on["nll_loss"] == pytest.approx(off["nll_loss"]) and on["nll_loss"] > 0
+    assert on["loss"] == pytest.approx(off["loss"] + 0.5 * on["nll_loss"], rel=1e-5)
 
 
 def test_a_nan_loss_stops_with_the_step_and_example_ids(step_setup):
