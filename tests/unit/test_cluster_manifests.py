@@ -241,6 +241,53 @@ def test_mlflow_uri_comes_from_a_secret_in_every_container():
                 assert ref["name"] and ref["key"], f"{kind}/{group}"
 
 
+def test_every_ray_cluster_has_token_auth_with_the_token_from_a_secret():
+    for kind, spec in _cluster_specs():
+        assert spec["authOptions"] == {"mode": "token"}, f"{kind}: authOptions (KubeRay >= 1.5.1)"
+        for group, g in _groups(spec):
+            for c in _containers(g):
+                names = {e["name"]: e for e in c.get("env", [])}
+                # KubeRay sets both from the Secret it creates; a literal here would disable or leak it
+                assert "RAY_AUTH_MODE" not in names and "RAY_AUTH_TOKEN" not in names, f"{kind}/{group}"
+
+
+def test_mlflow_credentials_come_only_from_the_secret():
+    for kind, spec in _cluster_specs():
+        for group, g in _groups(spec):
+            for c in _containers(g):
+                mlflow = [e for e in c["env"] if e["name"].startswith("MLFLOW_TRACKING_")]
+                assert {e["name"] for e in mlflow} >= {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"}, (kind, group)
+                for env in mlflow:
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"] == "hscr-mlflow", env
+    (runtime,) = _docs(CLUSTER / "runtime_env.yaml")
+    leaked = [k for k in runtime["env_vars"] if k.startswith(("MLFLOW_TRACKING_", "RAY_AUTH_"))]
+    assert not leaked, f"credentials never go in the runtime env: {leaked}"
+
+
+def test_launcher_starts_every_node_with_token_auth_from_a_file_outside_git():
+    cfg = _launcher()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cfg[key] if "ray start" in c]
+        assert "RAY_AUTH_MODE=token" in start, key
+        (path,) = re.findall(r"RAY_AUTH_TOKEN_PATH=(\S+)", start)
+        assert path in cfg["file_mounts"], f"{key}: the token file is copied to every node"
+        assert cfg["file_mounts"][path].startswith("~/"), "the token comes from the laptop, not the repository"
+        assert any("chmod 600" in c and path in c for c in cfg["setup_commands"]), "owner-only on the nodes"
+
+
+def test_nothing_turns_ray_auth_off():
+    off = "RAY_AUTH_MODE" + "=disabled"  # split so this file does not match itself
+    quoted = '"RAY_AUTH_MODE": "' + 'disabled"'
+    hits = []
+    for top in ("platform", "jobs", "tests", "cluster", "docs", "scripts", "README.md", "Makefile"):
+        root = REPO / top
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file() and path.suffix in {"", ".py", ".md", ".yaml", ".yml", ".sh", ".toml"}:
+                text = path.read_text(errors="replace")
+                hits += [str(path.relative_to(REPO)) for needle in (off, quoted) if needle in text]
+    assert not hits, f"Ray token auth is turned off in {hits}"
+
+
 def test_shared_volume_is_a_pvc_at_mnt_shared_and_holds_the_base_profiles_paths():
     (pvc,) = [d for d in _docs(CLUSTER / "kuberay/shared-storage.yaml") if d["kind"] == "PersistentVolumeClaim"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
@@ -337,6 +384,9 @@ def test_readme_has_the_exact_commands():
         "        -- python -m jobs.pipeline --config jobs/configs/pipeline/base.yaml",
         "ray up cluster/launcher/aws-gpu.yaml",
         "ray dashboard cluster/launcher/aws-gpu.yaml",
+        "kubectl -n hscr get secret hscr -o jsonpath='{.data.auth_token}'",
+        "RAY_AUTH_TOKEN_PATH=",
+        "scripts/ship_job.py --address http://127.0.0.1:8265 --token-file",
     ):
         assert cmd in text, cmd
     assert f"{_kind('RayCluster')['metadata']['name']}-head-svc" in text
