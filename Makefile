@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm lint format bench clean
+.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm lint format bench ship clean
 
 setup: $(VENV)/.project
 
@@ -64,6 +64,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# submit a job to a Ray cluster with this checkout's code as a wheel in its py_modules (cluster/README.md), e.g.
+#   make ship ADDRESS=http://127.0.0.1:8265 TOKEN=~/.hscr/ray-token.txt \
+#       JOB="python -m jobs.pipeline --config jobs/configs/pipeline/base.yaml"
+ship: setup
+	$(BIN)/python scripts/ship_job.py --address "$(ADDRESS)" $(if $(TOKEN),--token-file $(TOKEN)) -- $(JOB)
 
 bench: setup
 	$(BIN)/python -m jobs.benchmark all --output runs/bench
