@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from hscr_platform.core.config import save_config
 from hscr_platform.core.io import ShardWriter
+from hscr_platform.core.preflight import check_exists, check_writable, require
 from hscr_platform.data.images import png_8bit
 from hscr_platform.data.readers import SourceConfig, read_source
 from hscr_platform.data.samples import RawRow, Reject, validate_sample
@@ -83,6 +84,7 @@ class IngestJobConfig:
 def run(cfg: IngestJobConfig) -> dict[str, Any]:
     """Ingest ``cfg.source`` into ``cfg.output.path``; print and return the summary."""
     started = time.monotonic()
+    preflight(cfg)
     rows = read_source(cfg.source)  # FileNotFoundError now, before the output folder is touched
     out = Path(cfg.output.path)
     _check_output(out, Path(cfg.source.path), overwrite=cfg.output.overwrite)
@@ -103,6 +105,15 @@ def run(cfg: IngestJobConfig) -> dict[str, Any]:
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
     return summary
+
+
+def preflight(cfg: IngestJobConfig) -> None:
+    """The source, its image folder and the output folder, all checked (and every problem listed) up front."""
+    checks = [("source.path", lambda: check_exists(cfg.source.path, "source"))]
+    if cfg.source.image_dir is not None:
+        checks.append(("source.image_dir", lambda: check_exists(str(cfg.source.image_dir), "image folder")))
+    checks.append(("output.path", lambda: check_writable(cfg.output.path)))
+    require(checks, job="ingest")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -295,3 +295,20 @@ def test_ingest_vqa_rad_folder_windows_16_bit_scans_and_rejects_paths_outside(tm
     assert json.loads(sample["meta"])["image_8bit"]["window"] == [0.0, 65535.0]
     details = read_table(out / "rejects").column("detail").to_pylist()
     assert all("outside the dataset root" in d for d in details), details
+
+
+def test_ingest_lists_every_missing_input_before_touching_the_output(tmp_path: Path) -> None:
+    from hscr_platform.core.preflight import PreflightError
+    from hscr_platform.data.ingest import run
+
+    cfg = load_config(
+        IngestJobConfig,
+        TINY,
+        ["source.format=vqa_rad", f"source.path={tmp_path / 'no-data'}", f"source.image_dir={tmp_path / 'no-img'}",
+         f"output.path={tmp_path / 'out'}"],
+    )  # fmt: skip
+    with pytest.raises(PreflightError) as caught:
+        run(cfg)
+    assert [p.what for p in caught.value.problems] == ["source.path", "source.image_dir"]
+    assert f"source {tmp_path / 'no-data'} does not exist" in str(caught.value)
+    assert not (tmp_path / "out").exists()
