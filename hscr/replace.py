@@ -1,11 +1,12 @@
 """HSCR stage 2, the pure part: which positions each negative replaces and which tokens a decoder must emit.
 
-Level ``m`` (m = 1..levels) replaces the ``m`` most-coupled positions of ``y_w`` with their hallucinated
-replacements (``hscr.rewards.hallucinated_replacement``). (ours) The edited prefix is ``y_w`` up to the last
-replaced position with those ``m`` tokens swapped in; the decoder then continues freely (greedy by default)
-from the prompt plus that prefix. Every replacement token was chosen from ``y_w``'s own two-view logits, so
-between replaced positions the prefix keeps ``y_w``'s tokens: this is what keeps each later position meaning
-what stage 1 scored. A decoder either prefills ``prompt + edited_prefix(...)`` (vLLM) or asks
+Level ``m`` (m = 1..levels) replaces the ``m`` most-coupled positions of ``y_w`` *that have a replacement* with
+their hallucinated replacements (``hscr.rewards.hallucinated_replacement``): a coupled position with no plausible
+alternative is skipped and the next one takes its place (docs/DATA.md, "Levels"). (ours) The edited prefix is
+``y_w`` up to the last replaced position with those ``m`` tokens swapped in; the decoder then continues freely
+(greedy by default) from the prompt plus that prefix. Every replacement token was chosen from ``y_w``'s own
+two-view logits, so between replaced positions the prefix keeps ``y_w``'s tokens: this is what keeps each later
+position meaning what stage 1 scored. A decoder either prefills ``prompt + edited_prefix(...)`` (vLLM) or asks
 ``forced_token`` at every step (step-by-step generation). The decoding loop itself lives in the platform.
 """
 

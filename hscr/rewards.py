@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 DropoutMode = Literal["zero", "remove"]
+ShiftKind = Literal["logit", "logprob"]
+
+# Words that carry grammar, not findings: optionally never modality-coupled (``hscr.exclude_function_words``).
+# Negations ("no", "not", "without") and "with" stay eligible: they decide what a finding is.
+FUNCTION_WORDS = frozenset(
+    {"a", "an", "the", "of", "and", "or", "in", "on", "at", "to", "for", "by", "as", "from", "into", "onto", "is",
+     "are", "was", "were", "be", "been", "being", "this", "that", "these", "those", "there", "it", "its", "which"}
+)  # fmt: skip
 
 
 def example_generator(seed: int, example_id: str) -> torch.Generator:
@@ -102,13 +110,22 @@ def _emitted(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (..., T)
 
 
-def token_shift(full_logits: torch.Tensor, dropped_logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Logit shift of the emitted token ``Δ_t = z_t[y_t] − z'_t[y_t]``: how much the image supports it.
+def token_shift(
+    full_logits: torch.Tensor, dropped_logits: torch.Tensor, token_ids: torch.Tensor, *, kind: ShiftKind = "logit"
+) -> torch.Tensor:
+    """Shift of the emitted token between the views: how much the image supports it.
 
-    full_logits, dropped_logits: (T, V) or (B, T, V); token_ids: (T,) or (B, T).
-    Returns float32 (T,) / (B, T).
+    ``kind="logit"`` (default): ``Δ_t = z_t[y_t] − z'_t[y_t]`` on raw logits. ``kind="logprob"``:
+    ``Δ_t = log softmax(z_t)[y_t] − log softmax(z'_t)[y_t]``, which a change that moves every logit of a
+    position alike (as zeroing most visual tokens can) does not count.
+    full_logits, dropped_logits: (T, V) or (B, T, V); token_ids: (T,) or (B, T). Returns float32 (T,) / (B, T).
     """
-    return _emitted(full_logits.float(), token_ids) - _emitted(dropped_logits.float(), token_ids)  # (..., T)
+    full, dropped = full_logits.float(), dropped_logits.float()  # (..., T, V)
+    if kind == "logprob":
+        full, dropped = F.log_softmax(full, dim=-1), F.log_softmax(dropped, dim=-1)  # (..., T, V)
+    elif kind != "logit":
+        raise ValueError(f"unknown shift kind {kind!r}; expected 'logit' or 'logprob'")
+    return _emitted(full, token_ids) - _emitted(dropped, token_ids)  # (..., T)
 
 
 def token_reward(
@@ -174,17 +191,43 @@ def hallucinated_replacement(
     beta: float,
     alpha: float,
     exclude_token: int,
+    never: torch.Tensor | Collection[int] = (),
 ) -> int | None:
     """The plausible candidate with the lowest ``P_diff`` at one position, other than ``exclude_token``.
 
-    full_logits_t, dropped_logits_t: (V,). Lowest ``P_diff`` among plausible tokens is the lowest contrastive
-    logit ``(1 + β) z − β z'`` among them (softmax is monotone; comparing logits avoids ties from underflow);
-    equal logits → the lower token id. Returns ``None`` when no plausible token other than the original exists
-    (the position cannot be replaced; the caller skips it).
+    full_logits_t, dropped_logits_t: (V,). Plausibility is measured on the raw full-view logits (the max over
+    the whole vocabulary), and only then are ``exclude_token`` and the ``never`` ids (special tokens: eos,
+    image, pad) removed from the candidates: a special token that is the argmax still sets the threshold.
+    Lowest ``P_diff`` among the candidates is the lowest contrastive logit ``(1 + β) z − β z'`` among them
+    (softmax is monotone; comparing logits avoids ties from underflow); equal logits → the lower token id.
+    Returns ``None`` when no candidate is left (the position cannot be replaced; the caller skips it).
     """
     scores = contrastive_logits(full_logits_t.float(), dropped_logits_t.float(), beta=beta)  # (V,)
-    candidates = plausible_mask(full_logits_t, alpha=alpha)  # (V,)
+    candidates = plausible_mask(full_logits_t, alpha=alpha)  # (V,) on the raw logits
+    never_ids = torch.as_tensor(list(never) if not isinstance(never, torch.Tensor) else never, dtype=torch.long)
+    candidates[never_ids.to(candidates.device)] = False
     candidates[exclude_token] = False
     if not bool(candidates.any()):
         return None
     return int(torch.argmin(scores.masked_fill(~candidates, math.inf)))  # argmin returns the first minimum
+
+
+def function_word_mask(pieces: Sequence[str], *, words: Collection[str] = FUNCTION_WORDS) -> torch.Tensor:
+    """Positions whose token is a whole function word (one of ``words``, case-insensitive).
+
+    pieces: (T,) the response's token texts with a leading space where a token starts a word (``"▁"`` / ``"Ġ"``
+    written as a space). Position t is a function word iff ``pieces[t].strip().lower()`` is in ``words``, it
+    starts a word (t = 0, a leading space, or the previous piece ends in a non-alphanumeric character) and it
+    ends one (t = T − 1, or the next piece starts with a space or a non-alphanumeric character): the "an" of
+    "medi|an" or the " a" of " a|bdomen" is not a function word. Returns a bool mask (T,).
+    """
+    lowered = {w.lower() for w in words}
+
+    def starts(t: int) -> bool:
+        return t == 0 or pieces[t][:1].isspace() or not pieces[t - 1][-1:].isalnum()
+
+    def ends(t: int) -> bool:
+        return t == len(pieces) - 1 or not pieces[t + 1][:1].isalnum()
+
+    flags = [p.strip().lower() in lowered and starts(t) and ends(t) for t, p in enumerate(pieces)]
+    return torch.tensor(flags, dtype=torch.bool)  # (T,)

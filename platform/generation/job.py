@@ -226,7 +226,8 @@ def _generate(cfg: GenerateJobConfig, plan: Any, todo: list[int], *, model_dir: 
     init_ray(cfg.ray)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = cfg.run.progress_bars
-        spec = WorkerSpec(cfg, str(model_dir.resolve()), model_fingerprint(model_dir), generation_hash(cfg))
+        fingerprint = model_fingerprint(model_dir, dtype=cfg.model.dtype)  # the workers load it in this dtype
+        spec = WorkerSpec(cfg, str(model_dir.resolve()), fingerprint, generation_hash(cfg))
         return _commit_stream(build_dataset(cfg, plan, todo, spec), plan, todo, out, cfg)
     finally:
         if started:

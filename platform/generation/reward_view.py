@@ -36,10 +36,12 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 .ex { border: 1px solid #ccc; border-radius: 6px; padding: 0.8em 1em; margin-bottom: 1.2em; }
 .q { color: #555; margin-bottom: 0.4em; } .meta { color: #777; font-size: 0.85em; }
-.line { font-family: ui-monospace, monospace; margin: 0.25em 0; line-height: 1.9; }
+table.rows { border-collapse: collapse; } .rows td, .rows th { padding: 0.15em 0; vertical-align: top; }
+.line { font-family: ui-monospace, monospace; line-height: 1.9; }
 .tok { padding: 1px 0; border-radius: 3px; white-space: pre; }
 .coupled { outline: 2px solid #1a56db; } .rank { font-size: 0.65em; color: #1a56db; vertical-align: super; }
-.repl { background: #f6c343; font-weight: bold; } .label { display: inline-block; width: 9em; color: #555; }
+.repl { background: #f6c343; font-weight: bold; }
+.rows th.label { white-space: nowrap; text-align: left; font-weight: normal; color: #555; padding-right: 1em; }
 """
 
 
@@ -83,26 +85,36 @@ def _level_line(texts: list[str], replaced: dict[int, str]) -> str:
     return "".join(spans)
 
 
+def _row(label: str, line: str, *, title: str = "") -> str:
+    """One table row: the label in its own column, never wrapped; the tokens beside it."""
+    tip = f' title="{html.escape(title)}"' if title else ""
+    return f'<tr><th class="label"{tip}>{html.escape(label)}</th><td class="line">{line}</td></tr>'
+
+
 def example_html(row: dict, tokenizer: Any) -> str:
-    """One example: question, y_w coloured by shift with coupled positions, then every kept level."""
+    """One example: question, y_w coloured by shift with coupled positions, then every kept level.
+
+    The labels ("y_w (ref -0.68)", "level 1 (sim 0.93, ref -2.10)") form a table column that sizes to the
+    longest label and never wraps, so every line of tokens starts at the same column.
+    """
     ids = row["response_token_ids"]
     ref = row.get("ref_logps") or []
-    parts = [
-        f'<div class="ex"><div class="meta">{html.escape(str(row["id"]))}</div>',
-        f'<div class="q">Q: {html.escape(row["question"])}</div>',
-        f'<div class="line"><span class="label">y_w (ref {ref[0]:.2f})</span>'
-        f"{_preferred_line(row, _token_texts(tokenizer, ids[0]))}</div>",
-    ]
+    rows = [_row(f"y_w (ref {ref[0]:.2f})", _preferred_line(row, _token_texts(tokenizer, ids[0])))]
     for j in range(row["num_levels"]):
         positions, originals = row["replaced_positions"][j], row["original_token_ids"][j]
         replaced = {p: tokenizer.decode([o]) for p, o in zip(positions, originals, strict=True)}
         label = f"level {j + 1} (sim {row['similarity'][j]:.2f}, ref {ref[j + 1]:.2f})"
-        parts.append(
-            f'<div class="line"><span class="label" title="{len(positions)} tokens replaced">'
-            f"{html.escape(label)}</span>{_level_line(_token_texts(tokenizer, ids[j + 1]), replaced)}</div>"
-        )
-    parts.append("</div>")
-    return "\n".join(parts)
+        line = _level_line(_token_texts(tokenizer, ids[j + 1]), replaced)
+        rows.append(_row(label, line, title=f"{len(positions)} tokens replaced"))
+    return "\n".join(
+        [
+            f'<div class="ex"><div class="meta">{html.escape(str(row["id"]))}</div>',
+            f'<div class="q">Q: {html.escape(row["question"])}</div>',
+            '<table class="rows">',
+            *rows,
+            "</table></div>",
+        ]
+    )
 
 
 def render(rows: Sequence[dict], tokenizer: Any, *, title: str = "HSCR rewards") -> str:

@@ -1,15 +1,16 @@
 """Two-view scoring of the preferred response y_w and what HSCR derives from it (METHOD.md, steps 1-6).
 
-For a batch of examples: teacher-force y_w under the full view and the visual-token-dropout view in ONE
-forward (2B rows; the dropped view's visual tokens are injected as encoder outputs, zeroed where dropped),
-take the full-vocabulary logits at every response position, then per example the token shift, the token
-reward, the top-n modality-coupled positions, a hallucinated replacement for each, and the forced prefix of
-every level. The maths lives in ``hscr.rewards`` / ``hscr.replace``; this module wires it to a HF model.
+For a batch of examples: teacher-force y_w under the full view and the visual-token-dropout view in ONE forward
+(2B rows; the dropped view's visual tokens are injected as encoder outputs, zeroed where dropped), take the last
+hidden states at every response position, then per example (its full-vocabulary logits made and freed in turn, on
+the model's device) the token shift, the token reward, the top-n modality-coupled positions, a hallucinated
+replacement for each, and the forced prefix of every level. The maths lives in ``hscr.rewards`` /
+``hscr.replace``; this module wires it to a HF model.
 
     cfg = HscrConfig()
     ids = response_token_ids(processor, question, answer, eos_ids={2})
-    full, dropped = two_view_logits(model, processor, [image], [question], [ids], ids_of=["ex-1"], cfg=cfg)
-    scored = score_example(full[0], dropped[0], ids, cfg=cfg, excluded=excluded_token_ids(tokenizer))
+    [(scored, y_w_logps)] = score_batch(model, processor, [image], [question], [ids], ids_of=["ex-1"], cfg=cfg,
+                                        excluded=excluded_token_ids(processor.tokenizer))
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hscr.rewards import (
     coupled_positions,
     eligible_token_mask,
     example_generator,
+    function_word_mask,
     hallucinated_replacement,
     punctuation_token_ids,
     token_reward,
@@ -48,8 +50,13 @@ class HscrConfig:
     levels: int = 10  # candidates m = 1..levels (level m replaces the m most-coupled positions)
     k: int = 3  # dispreferred levels kept after re-ranking
     min_gap: float = 0.1  # adjacent kept similarities differ by at least this
-    max_similarity: float | None = None  # drop candidates above this similarity to y_w (null = keep all)
+    # drop candidates above this similarity to y_w: near-copies the similarity cannot grade (null = keep all);
+    # exact copies up to case, punctuation and spacing are dropped before re-ranking whatever this is
+    max_similarity: float | None = 0.999
     seed: int = 0  # seeds the per-example dropout masks
+    # Δ_t on raw logits (the default) or on log-probs (a shift that moves a whole position's logits counts 0)
+    shift: Literal["logit", "logprob"] = "logit"
+    exclude_function_words: bool = False  # "the", "of", "a", "and", ... never modality-coupled (hscr.rewards)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_drop <= 1.0 or not 0.0 <= self.alpha <= 1.0:
@@ -66,6 +73,7 @@ class ExcludedTokens:
 
     special: frozenset[int]
     punctuation: frozenset[int]
+    pieces: tuple[str, ...] = ()  # token id -> its text, a leading space where it starts a word (function words)
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,19 @@ class Scored:
 
 
 def excluded_token_ids(tokenizer: Any) -> ExcludedTokens:
-    """Special ids (incl. the image placeholder) and punctuation/whitespace-only ids of a tokenizer."""
+    """Special ids (incl. the image placeholder), punctuation/whitespace-only ids and every id's word piece."""
     texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     special = set(tokenizer.all_special_ids)
     image_token = getattr(tokenizer, "image_token_id", None)
     if image_token is not None:
         special.add(int(image_token))
-    return ExcludedTokens(frozenset(special), frozenset(punctuation_token_ids(texts)))
+    return ExcludedTokens(frozenset(special), frozenset(punctuation_token_ids(texts)), token_pieces(tokenizer))
+
+
+def token_pieces(tokenizer: Any) -> tuple[str, ...]:
+    """Each id's vocabulary piece with the word-start marker as a space (SentencePiece "▁", byte-level "Ġ")."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return tuple(str(p or "").replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n") for p in pieces)
 
 
 def response_token_ids(processor: Any, question: str, answer: str, *, eos_ids: Collection[int]) -> list[int]:
@@ -127,6 +141,34 @@ def dropped_view(features: torch.Tensor, example_ids: Sequence[str], *, cfg: Hsc
     return torch.stack(views)  # (B, N, D)
 
 
+def _two_view_inputs(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    responses: Sequence[Sequence[int]],
+    *,
+    ids_of: Sequence[str],
+    cfg: HscrConfig,
+) -> tuple[dict[str, Any], int]:
+    """Model inputs of 2B rows (full view, then dropped view) and T, the longest response."""
+    device = model.device
+    prefix = encode_prefixes(processor, images, questions)
+    features = image_features(model, prefix["pixel_values"].to(device=device, dtype=model.dtype))  # (B, N, D)
+    views = torch.cat([features, dropped_view(features, ids_of, cfg=cfg)])  # (2B, N, D)
+    ids, mask = pad_responses(responses, pad_id=int(processor.tokenizer.pad_token_id))  # (B, T)
+    seq = torch.cat([prefix["input_ids"], ids], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
+    attn = torch.cat([prefix["attention_mask"], mask.long()], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (2B, P + T)
+    inputs = {
+        "input_ids": seq,
+        "attention_mask": attn,
+        "position_ids": positions,
+        "mm_encoder_outputs": features_as_encoder_outputs(views),
+    }
+    return inputs, ids.shape[1]
+
+
 @torch.no_grad()
 def two_view_logits(
     model: Any,
@@ -142,37 +184,63 @@ def two_view_logits(
 
     Returns (full, dropped), each (B, T, V) float32 with T = the longest response; row i is valid for its
     first ``len(responses[i])`` positions (position t = the logits that predict response token t).
+    Holds the whole batch's logits: :func:`score_batch` is what generation runs (logits per example).
     """
-    device = model.device
-    prefix = encode_prefixes(processor, images, questions)
-    features = image_features(model, prefix["pixel_values"].to(device=device, dtype=model.dtype))  # (B, N, D)
-    views = torch.cat([features, dropped_view(features, ids_of, cfg=cfg)])  # (2B, N, D)
-    ids, mask = pad_responses(responses, pad_id=int(processor.tokenizer.pad_token_id))  # (B, T)
-    seq = torch.cat([prefix["input_ids"], ids], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
-    attn = torch.cat([prefix["attention_mask"], mask.long()], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (2B, P + T)
-    width = ids.shape[1]
-    logits = (
-        model(
-            input_ids=seq,
-            attention_mask=attn,
-            position_ids=positions,
-            mm_encoder_outputs=features_as_encoder_outputs(views),
-            logits_to_keep=width + 1,
-        )
-        .logits[:, :width]
-        .float()
-    )  # (2B, T, V)
+    inputs, width = _two_view_inputs(model, processor, images, questions, responses, ids_of=ids_of, cfg=cfg)
+    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :width].float()  # (2B, T, V)
     batch = len(responses)
     return logits[:batch], logits[batch:]  # (B, T, V) each
 
 
-def _replacement(
-    full_t: torch.Tensor, dropped_t: torch.Tensor, token: int, *, cfg: HscrConfig, special: torch.Tensor
-) -> int | None:
-    """The hallucinated token at one position; special tokens (eos, image, pad) never qualify (ours)."""
-    full_t = full_t.index_fill(0, special, float("-inf"))  # (V,)
-    return hallucinated_replacement(full_t, dropped_t, beta=cfg.beta, alpha=cfg.alpha, exclude_token=token)
+@torch.no_grad()
+def two_view_hidden(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    responses: Sequence[Sequence[int]],
+    *,
+    ids_of: Sequence[str],
+    cfg: HscrConfig,
+) -> torch.Tensor:
+    """The last hidden states that predict y_w's tokens, (2B, T, D): full view rows 0..B-1, then dropped.
+
+    The same forward as :func:`two_view_logits` without the LM head (``model.model``; LLaVA-style and
+    Qwen2-VL heads are a plain linear on these states), so no (2B, T, V) logits exist at once.
+    """
+    inputs, width = _two_view_inputs(model, processor, images, questions, responses, ids_of=ids_of, cfg=cfg)
+    hidden = model.model(**inputs).last_hidden_state  # (2B, P + T, D)
+    return hidden[:, -(width + 1) : -1]  # (2B, T, D): position P - 1 + t predicts response token t
+
+
+@torch.no_grad()
+def score_batch(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    responses: Sequence[Sequence[int]],
+    *,
+    ids_of: Sequence[str],
+    cfg: HscrConfig,
+    excluded: ExcludedTokens,
+) -> list[tuple[Scored, list[float]]]:
+    """:func:`score_example` for a batch, plus y_w's full-view per-token log-probs (the reference's).
+
+    One forward of 2B rows to hidden states, then per example the LM head on its 2 × T rows, everything on
+    the model's device, the example's logits freed before the next: the peak holds (2, T, V) float32 logits,
+    not (2B, T, V). Returns (scored, token log-probs (T,)) per example, in batch order.
+    """
+    hidden = two_view_hidden(model, processor, images, questions, responses, ids_of=ids_of, cfg=cfg)
+    head, batch, out = model.get_output_embeddings(), len(responses), []
+    for i, response in enumerate(responses):
+        logits = head(hidden[[i, batch + i], : len(response)]).float()  # (2, T, V)
+        scored = score_example(logits[0], logits[1], response, cfg=cfg, excluded=excluded)
+        ids = torch.as_tensor(list(response), dtype=torch.long, device=logits.device)  # (T,)
+        logps = torch.log_softmax(logits[0], dim=-1).gather(-1, ids[:, None]).squeeze(-1)  # (T,)
+        out.append((scored, logps.tolist()))
+        del logits, logps
+    return out
 
 
 def score_example(
@@ -185,19 +253,25 @@ def score_example(
 ) -> Scored:
     """Shift, reward, coupled positions, replacements and the level plan of one example.
 
-    full, dropped: (≥T, V) logits rows of this example (padding rows beyond T are ignored).
+    full, dropped: (≥T, V) logits rows of this example (padding rows beyond T are ignored), on any device.
     """
-    length = len(response)
+    length, device = len(response), full.device
     full, dropped = full[:length], dropped[:length]  # (T, V)
-    ids = torch.as_tensor(list(response), dtype=torch.long)  # (T,)
-    shift = token_shift(full, dropped, ids)  # (T,)
+    ids = torch.as_tensor(list(response), dtype=torch.long, device=device)  # (T,)
+    shift = token_shift(full, dropped, ids, kind=cfg.shift)  # (T,)
     reward = token_reward(full, dropped, ids, beta=cfg.beta, alpha=cfg.alpha)  # (T,)
     eligible = eligible_token_mask(ids, special_ids=excluded.special, punctuation_ids=excluded.punctuation)  # (T,)
+    if cfg.exclude_function_words:
+        if not excluded.pieces:
+            raise ValueError("hscr.exclude_function_words needs ExcludedTokens.pieces (excluded_token_ids)")
+        eligible &= ~function_word_mask([excluded.pieces[t] for t in response]).to(device)  # (T,)
     coupled = coupled_positions(shift, n=cfg.n_coupled, eligible=eligible).tolist()
-    special = torch.as_tensor(sorted(excluded.special), dtype=torch.long)  # (S,)
+    special = torch.as_tensor(sorted(excluded.special), dtype=torch.long, device=device)  # (S,)
     replacements: dict[int, int] = {}
     for p in coupled:
-        token = _replacement(full[p], dropped[p], int(ids[p]), cfg=cfg, special=special)
+        token = hallucinated_replacement(
+            full[p], dropped[p], beta=cfg.beta, alpha=cfg.alpha, exclude_token=int(ids[p]), never=special
+        )  # special tokens (eos, image, pad) never qualify, but still set the plausibility threshold
         if token is not None:
             replacements[p] = token
     ordered = [p for p in coupled if p in replacements]  # most coupled first

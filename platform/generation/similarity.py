@@ -55,6 +55,16 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def normalised_text(text: str) -> str:
+    """Lower-cased words joined by single spaces: case, punctuation and spacing removed ("Yes." -> "yes")."""
+    return " ".join(words(text))
+
+
+def near_copy(candidate: str, reference: str) -> bool:
+    """A candidate negative that says y_w again up to case, punctuation and spacing: never a negative."""
+    return normalised_text(candidate) == normalised_text(reference)
+
+
 class LexicalSimilarity:
     """Token F1 over lower-cased words (``hscr.rerank.lexical_similarity``): no model, no download."""
 

@@ -22,13 +22,14 @@ import torch
 
 from hscr.rerank import select_levels
 from hscr_platform.generation.job import GenerateJobConfig, model_config
+from hscr_platform.generation.similarity import near_copy
 from hscr_platform.models.engines.decoding import ContinuationRequest, Decoder
 from hscr_platform.models.engines.hf import HFDecoder
 
 ANSWER_TOO_LONG = "answer_too_long"  # image + prompt + y_w exceed the model's limit (never truncated)
 NO_COUPLED = "no_coupled_positions"  # y_w has no eligible position (special / punctuation only)
 NO_REPLACEMENT = "no_replacement"  # no coupled position has a plausible hallucinated token
-NO_LEVEL = "no_level_after_rerank"  # every candidate equals y_w's text, or re-ranking kept none
+NO_LEVEL = "no_level_after_rerank"  # every candidate is y_w's text (normalised), or re-ranking kept none
 PROCESSING_ERROR = "processing_error"  # the row raised inside a stage (detail: the exception)
 
 
@@ -38,7 +39,7 @@ class WorkerSpec:
 
     cfg: GenerateJobConfig
     model_dir: str
-    fingerprint: str  # model_fingerprint(model_dir): weights + tokenizer + processor + chat template
+    fingerprint: str  # model_fingerprint(model_dir, dtype=...): files + template + dtype + attention kernel
     config_hash: str
 
 
@@ -79,13 +80,6 @@ def eos_ids(model_dir: str, tokenizer: Any) -> set[int]:
         eos = None
     eos = tokenizer.eos_token_id if eos is None else eos
     return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
-
-
-def emitted_logps(logits: torch.Tensor, response: list[int]) -> list[float]:
-    """log softmax(logits)[t, y_t] for the response tokens: logits (≥T, V) -> T floats."""
-    ids = torch.as_tensor(response, dtype=torch.long)  # (T,)
-    logps = torch.log_softmax(logits[: len(response)].float(), dim=-1)  # (T, V)
-    return logps.gather(-1, ids[:, None]).squeeze(-1).tolist()  # (T,)
 
 
 def _stored_reference(state: dict, chosen: list[dict]) -> list[list[float]] | None:
@@ -144,7 +138,7 @@ class Worker:
     # --- stage 1: two-view scoring ------------------------------------------------------------------
 
     def _score(self, batch: list[dict]) -> list[dict]:
-        from hscr_platform.generation.scoring import response_token_ids, score_example, two_view_logits
+        from hscr_platform.generation.scoring import response_token_ids, score_batch
         from hscr_platform.models.loading import open_image
         from hscr_platform.models.logprobs import encode_prefixes
 
@@ -165,7 +159,7 @@ class Worker:
             for i, s in enumerate(batch)
         ]  # replaced below for the rows that fit
         if fit:
-            full, dropped = two_view_logits(
+            results = score_batch(
                 self.model,
                 self.processor,
                 [images[i] for i in fit],
@@ -173,12 +167,12 @@ class Worker:
                 [responses[i] for i in fit],
                 ids_of=[batch[i]["id"] for i in fit],
                 cfg=self.cfg.hscr,
-            )  # (F, T, V) each
-            for j, i in enumerate(fit):
-                scored = score_example(full[j], dropped[j], responses[i], cfg=self.cfg.hscr, excluded=self.excluded)
+                excluded=self.excluded,
+            )  # per example: logits made and freed one example at a time, on the model's device
+            for (scored, y_w_logps), i in zip(results, fit, strict=True):
                 updates[i] = self._scored_update(batch[i], scored, responses[i], prompt_lens[i])
                 if self.cfg.decoder.reuse_prefix and "scored" in updates[i]:  # y_w's reference log-probs
-                    updates[i]["ref_token_logps"] = emitted_logps(full[j], responses[i])
+                    updates[i]["ref_token_logps"] = y_w_logps
         self.timings["score"] += time.perf_counter() - t0
         return updates
 
@@ -238,7 +232,7 @@ class Worker:
     def _finish(self, batch: list[dict]) -> list[dict]:
         assert self.similarity is not None
         t0 = time.perf_counter()
-        pools = [[c for c in s["candidates"] if c["text"] != s["answer"].strip()] for s in batch]
+        pools = [[c for c in s["candidates"] if not near_copy(c["text"], s["answer"])] for s in batch]
         sims = self.similarity.many(
             [(s["answer"].strip(), [c["text"] for c in p]) for s, p in zip(batch, pools, strict=True)]
         )
@@ -250,7 +244,7 @@ class Worker:
             reject(
                 s,
                 NO_LEVEL,
-                f"{len(s['candidates'])} candidates, {len(s['candidates']) - len(p)} equal to y_w, "
+                f"{len(s['candidates'])} candidates, {len(s['candidates']) - len(p)} copies of y_w, "
                 f"similarities {[round(v, 3) for v in x]}",
             )
             for s, p, x in zip(batch, pools, sims, strict=True)

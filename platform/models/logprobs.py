@@ -275,10 +275,14 @@ def features_as_encoder_outputs(features: torch.Tensor | Sequence[torch.Tensor])
     return {"image": BaseModelOutputWithPooling(pooler_output=per_image)}  # type: ignore[arg-type]
 
 
-def model_fingerprint(folder: str | Path) -> str:
-    """sha256 over every weight, config, tokenizer, processor and chat-template file of a model folder.
+def model_fingerprint(folder: str | Path, *, dtype: str = "float32", attn_implementation: str = "default") -> str:
+    """sha256 over every weight, config, tokenizer, processor and chat-template file of a model folder, and the
+    dtype and attention implementation the forwards run with.
 
-    Reference log-probs stored with this fingerprint are valid exactly for this model + processor + template.
+    Reference log-probs stored with this fingerprint are valid exactly for this model + processor + template run
+    at this precision with this attention kernel: fp32 log-probs are not reused for a bf16 policy.
+    dtype: ``ModelConfig.dtype`` ("float32", "bfloat16", "float16"); attn_implementation: what the model was
+    loaded with ("default" = whatever transformers picks when none is asked for, as ``load_vlm`` does).
     """
     digest = hashlib.sha256()
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
@@ -287,6 +291,7 @@ def model_fingerprint(folder: str | Path) -> str:
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(block)
+    digest.update(f"\0dtype={dtype}\0attn_implementation={attn_implementation}".encode())
     return digest.hexdigest()[:16]
 
 

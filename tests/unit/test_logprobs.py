@@ -98,3 +98,13 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+
+
+def test_fingerprint_includes_dtype_and_attention_implementation(tiny_model_dir):
+    # Stored fp32 reference log-probs must not match a bf16 (or another attention kernel's) reference.
+    base = model_fingerprint(tiny_model_dir)
+    assert base == model_fingerprint(tiny_model_dir, dtype="float32", attn_implementation="default")
+    bf16 = model_fingerprint(tiny_model_dir, dtype="bfloat16")
+    eager = model_fingerprint(tiny_model_dir, attn_implementation="eager")
+    assert len({base, bf16, eager, model_fingerprint(tiny_model_dir, dtype="float16")}) == 4
+    assert bf16 == model_fingerprint(tiny_model_dir, dtype="bfloat16") and len(bf16) == 16

@@ -52,6 +52,12 @@ def test_select_levels_drops_near_copies_and_nans() -> None:
     assert select_levels([1.0, 0.9, math.nan, 0.7], k=3, min_gap=0.1, max_similarity=0.99) == [1, 3]
 
 
+def test_default_ceiling_drops_copies_and_keeps_a_one_word_finding_change() -> None:
+    # HscrConfig.max_similarity = 0.999: "a cyst in the lower part" vs "... upper part" scores 0.99 with MiniLM
+    # and stays; a candidate the embedding cannot tell from y_w (1.0) goes.
+    assert select_levels([1.0, 0.99, 0.8], k=3, min_gap=0.1, max_similarity=0.999) == [1, 2]
+
+
 def test_lexical_similarity_token_f1() -> None:
     a = ["there", "is", "a", "nodule", "on", "the", "left"]
     b = ["there", "is", "a", "mass", "on", "the", "left"]

@@ -11,6 +11,7 @@ from hscr.rewards import (
     coupled_positions,
     eligible_token_mask,
     example_generator,
+    function_word_mask,
     hallucinated_replacement,
     plausible_mask,
     punctuation_token_ids,
@@ -78,6 +79,22 @@ def test_token_shift_and_reward() -> None:
     torch.testing.assert_close(batched, torch.tensor([[1.0, 2.0]]))
 
 
+def test_token_shift_on_log_probs() -> None:
+    # Position 0: z = [2, 1, 0], z' = [1, 1, 1], y = 0. log softmax(z)[0] = 2 − log(e² + e + 1)
+    #   = 2 − log(11.107338) = 2 − 2.407606 = −0.407606; log softmax(z')[0] = −log 3 = −1.098612
+    #   → Δ = −0.407606 + 1.098612 = 0.691006 (the logit shift is 2 − 1 = 1).
+    # Position 1: z' = z − 2 everywhere: logit shift 2, log-prob shift 0 (the normaliser moves with it).
+    full = torch.tensor([[2.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    dropped = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, -2.0]])
+    tokens = torch.tensor([0, 1])
+    torch.testing.assert_close(token_shift(full, dropped, tokens, kind="logit"), torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(
+        token_shift(full, dropped, tokens, kind="logprob"), torch.tensor([0.691006, 0.0]), atol=1e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="shift kind"):
+        token_shift(full, dropped, tokens, kind="prob")  # type: ignore[arg-type]
+
+
 def test_token_reward_of_implausible_emitted_token_is_zero() -> None:
     assert token_reward(Z, Z_DROP, torch.tensor([2]), beta=0.9, alpha=0.2).tolist() == [0.0]
 
@@ -123,6 +140,33 @@ def test_hallucinated_replacement_lowest_p_diff_excluding_original() -> None:
     assert hallucinated_replacement(Z[0], Z_DROP[0], beta=0.9, alpha=0.2, exclude_token=0) == 1
     # α = 0.5: only token 0 is plausible and it is the original → no replacement.
     assert hallucinated_replacement(Z[0], Z_DROP[0], beta=0.9, alpha=0.5, exclude_token=0) is None
+
+
+def test_plausibility_is_measured_before_special_tokens_are_removed() -> None:
+    # V = 4, token 0 = eos (special, the argmax), the emitted token is 1. z = [5, 2, 0, −1], z' = 0, α = 0.1:
+    # plausible iff z_v − max z ≥ log 0.1 = −2.302585. Token 1: 2 − 5 = −3, token 2: −5 (p = e^−5 = 0.0067·p_max)
+    # → only eos is plausible; eos is never a replacement and 1 is the original → no replacement. Masking eos
+    # first (the old order) would move the max to 2.0 and let token 2 pass (0 − 2 = −2 ≥ −2.30).
+    full = torch.tensor([5.0, 2.0, 0.0, -1.0])
+    assert hallucinated_replacement(full, torch.zeros(4), beta=0.9, alpha=0.1, exclude_token=1, never=[0]) is None
+    # z = [5, 4, 3, 0]: threshold 5 − 2.302585 = 2.697415 → 0, 1, 2 plausible; eos and the original removed → 2.
+    full = torch.tensor([5.0, 4.0, 3.0, 0.0])
+    assert hallucinated_replacement(full, torch.zeros(4), beta=0.9, alpha=0.1, exclude_token=1, never=[0]) == 2
+    # `never` as a tensor works the same; contrastive logits 1.9·z = [9.5, 7.6, 5.7, 0], eos kept: still 2.
+    never = torch.tensor([0])
+    assert hallucinated_replacement(full, torch.zeros(4), beta=0.9, alpha=0.1, exclude_token=1, never=never) == 2
+    assert hallucinated_replacement(full, torch.zeros(4), beta=0.9, alpha=0.1, exclude_token=1) == 2
+
+
+def test_function_word_mask_whole_words_only() -> None:
+    pieces = [" The", " nod", "ule", " is", " medi", "an", " a", "bdomen", " of", " the", " left", "."]
+    # " The", " is", " of", " the": whole function words. "an" continues "medi" and " a" is continued by
+    # "bdomen": not words of their own.
+    expected = [True, False, False, True, False, False, False, False, True, True, False, False]
+    assert function_word_mask(pieces).tolist() == expected
+    # A word starts after a non-alphanumeric piece and ends before one; t = 0 starts a word without a space.
+    assert function_word_mask(["a", " mass", "(", "the", ")"]).tolist() == [True, False, False, True, False]
+    assert function_word_mask([" left"], words={"LEFT"}).tolist() == [True]
 
 
 def test_hallucinated_replacement_tie_goes_to_lower_id() -> None:

@@ -17,7 +17,9 @@ from hscr_platform.generation.scoring import (
     forced_prefix,
     model_token_limit,
     response_token_ids,
+    score_batch,
     score_example,
+    token_pieces,
     two_view_logits,
 )
 from hscr_platform.models.loading import ModelConfig, load_vlm
@@ -126,3 +128,90 @@ def test_excluded_tokens_and_limit(setup):
     word = tok(" nodule", add_special_tokens=False)["input_ids"][-1]
     assert word not in excluded.punctuation | excluded.special
     assert model_token_limit(model.config) == 160 and model_token_limit(model.config, 99) == 99
+
+
+def _one_hot_logits(response: list[int], vocab: int, shifts: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, V) logits: the emitted token at 2.0, others at −5.0; the dropped view lowers it by ``shifts[t]``."""
+    full = torch.full((len(response), vocab), -5.0)
+    for t, token in enumerate(response):
+        full[t, token] = 2.0
+    dropped = full.clone()
+    for t, token in enumerate(response):
+        dropped[t, token] -= shifts[t]
+    return full, dropped
+
+
+def test_eos_as_argmax_still_sets_the_plausibility_threshold():
+    # V = 6, 0 = eos. y_w = [2, 3, 0], shifts [3, 1, 9]: coupled positions 0 then 1 (eos is never coupled).
+    response = [2, 3, 0]
+    full, dropped = _one_hot_logits(response, 6, [3.0, 1.0, 9.0])
+    # t = 0: eos is the argmax (5.0); token 5 at 0.0 has p = e^−5 = 0.0067 · p_max < α = 0.1 → implausible, and
+    # y_w's own token (2 − 5 = −3 < log 0.1 = −2.30) too: no replacement. Masking eos first would make 2.0 the
+    # max and let token 5 pass (0 − 2 = −2 ≥ −2.30).
+    full[0, 0], full[0, 5] = 5.0, 0.0
+    # t = 1: token 4 at 1.0 is plausible (1 − 2 = −1 ≥ −2.30) and the only candidate → replacement 4.
+    full[1, 4] = 1.0
+    excluded = ExcludedTokens(special=frozenset({0}), punctuation=frozenset({1}))
+    scored = score_example(full, dropped, response, cfg=HscrConfig(alpha=0.1), excluded=excluded)
+    assert scored.coupled == [0, 1]
+    assert scored.replacements == {1: 4}
+    assert scored.levels == [(1,)]
+
+
+def test_shift_kind_and_function_words_decide_coupling():
+    # V = 6 with pieces: y_w = " the cyst left</s>" = [2, 3, 4, 0].
+    pieces = ("</s>", ".", " the", " cyst", " left", " right")
+    excluded = ExcludedTokens(special=frozenset({0}), punctuation=frozenset({1}), pieces=pieces)
+    response = [2, 3, 4, 0]
+    full, dropped = _one_hot_logits(response, 6, [0.0, 1.0, 0.5, 0.0])
+    dropped[0] = full[0] - 3.0  # " the": every logit 3 lower without the image → logit shift 3, log-prob shift 0
+    logit = score_example(full, dropped, response, cfg=HscrConfig(), excluded=excluded)
+    assert logit.coupled == [0, 1, 2] and logit.shift == pytest.approx([3.0, 1.0, 0.5, 0.0])
+    # Log-prob shifts: t=0 exactly 0; t=1: (2 − log(e² + 5e^−5)) − (1 − log(e + 5e^−5)) = 0.007769;
+    # t=2: (2 − log(e² + 5e^−5)) − (1.5 − log(e^1.5 + 5e^−5)) = 0.002940.
+    logprob = score_example(full, dropped, response, cfg=HscrConfig(shift="logprob"), excluded=excluded)
+    assert logprob.coupled == [1, 2, 0]
+    assert logprob.shift[:3] == pytest.approx([0.0, 0.007769, 0.002940], abs=1e-6)
+    no_function = score_example(full, dropped, response, cfg=HscrConfig(exclude_function_words=True), excluded=excluded)
+    assert no_function.coupled == [1, 2]
+    with pytest.raises(ValueError, match="pieces"):
+        score_example(full, dropped, response, cfg=HscrConfig(exclude_function_words=True),
+                      excluded=ExcludedTokens(special=frozenset({0}), punctuation=frozenset({1})))  # fmt: skip
+
+
+def test_defaults_keep_todays_shift_and_drop_near_copies():
+    cfg = HscrConfig()
+    assert cfg.shift == "logit" and not cfg.exclude_function_words and cfg.max_similarity == 0.999
+
+
+def test_token_pieces_mark_word_starts(setup):
+    _, processor, _, _ = setup
+    tok = processor.tokenizer
+    pieces = token_pieces(tok)
+    ids = tok(" the nodule", add_special_tokens=False)["input_ids"]
+    assert pieces[ids[0]] == " the" and all(len(p) > 0 for p in (pieces[i] for i in ids))
+
+
+def test_score_batch_equals_the_full_logits_path_one_example_of_logits_at_a_time(setup):
+    model, processor, images, responses = setup
+    excluded = excluded_token_ids(processor.tokenizer)
+    cfg = HscrConfig(alpha=0.05, seed=2)
+    full, dropped = two_view_logits(model, processor, images, QUESTIONS, responses, ids_of=["a", "b"], cfg=cfg)
+    rows: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
+    try:
+        batched = score_batch(
+            model, processor, images, QUESTIONS, responses, ids_of=["a", "b"], cfg=cfg, excluded=excluded
+        )
+    finally:
+        hook.remove()
+    assert rows == [2, 2]  # the LM head ran per example on its 2 views: never (2B, T, V) logits at once
+    for i, ids in enumerate(responses):
+        expected = score_example(full[i], dropped[i], ids, cfg=cfg, excluded=excluded)
+        scored, logps = batched[i]
+        assert scored.coupled == expected.coupled and scored.levels == expected.levels
+        assert scored.replacements == expected.replacements and len(expected.replacements) > 0
+        assert scored.shift == pytest.approx(expected.shift, abs=1e-6)  # equal to the bit on this CPU
+        assert scored.reward == pytest.approx(expected.reward, abs=1e-6)
+        want = torch.log_softmax(full[i, : len(ids)], -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+        assert logps == pytest.approx(want.tolist(), abs=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 
 from hscr_platform.generation.similarity import (
@@ -9,6 +11,8 @@ from hscr_platform.generation.similarity import (
     LexicalSimilarity,
     SimilarityConfig,
     build_similarity,
+    near_copy,
+    normalised_text,
     packaged_model_dir,
     words,
 )
@@ -22,6 +26,44 @@ def test_lexical_similarity_is_word_f1():
     )
     assert words("X-ray, CT!") == ["x", "ray", "ct"]
     assert sim.many([("yes", ["no"]), ("left", [])]) == [[0.0], []]
+
+
+def test_near_copies_of_y_w_are_recognised_after_normalising():
+    # Case, punctuation and spacing are not a different answer: "Yes" is y_w "yes" again, never a negative.
+    assert normalised_text("  Yes.\n") == "yes" and normalised_text("A nodule, LEFT lung!") == "a nodule left lung"
+    assert near_copy("Yes", "yes") and near_copy("yes.", " Yes ") and near_copy("X-ray, chest", "x ray chest")
+    assert not near_copy("no", "yes") and not near_copy("a nodule on the left", "a nodule on the right")
+
+
+def test_worker_drops_near_copies_before_reranking():
+    # y_w "yes"; candidates "Yes" (level 1, a copy) and "no" (level 2). Comparing raw text kept "Yes" as the
+    # first negative (lexical similarity 1.0); compared normalised, only "no" remains.
+    from hscr_platform.generation.job import GenDataConfig, GenerateJobConfig, GenModelConfig, GenOutputConfig
+    from hscr_platform.generation.scoring import Scored
+    from hscr_platform.generation.worker import NO_LEVEL, Worker, WorkerSpec
+
+    cfg = GenerateJobConfig(
+        data=GenDataConfig(input="in"), model=GenModelConfig(path="m"), output=GenOutputConfig(path="out"),
+        similarity=SimilarityConfig(kind="lexical"),
+    )  # fmt: skip
+    worker = object.__new__(Worker)  # no model: the reference log-probs are the stored ones
+    worker.spec, worker.cfg = WorkerSpec(cfg, "m", "fp", "hash"), cfg
+    worker.similarity, worker.timings = LexicalSimilarity(), defaultdict(float)
+    scored = Scored([1.0, 0.5, 0.0], [0.9, 0.8, 1.0], [0, 1], {0: 7, 1: 8}, [(0,), (0, 1)])
+
+    def state(answer: str, texts: list[str]) -> dict:
+        candidates = [
+            {"level": j, "token_ids": [7, 6, 2], "text": t, "ref_token_logps": [-1.0, -1.0, -0.5]}
+            for j, t in enumerate(texts)
+        ]
+        return {"id": answer, "source": "s", "image": b"", "question": "is there a nodule?", "answer": answer,
+                "scored": scored, "response_ids": [5, 6, 2], "ref_token_logps": [-0.1, -0.2, -0.3],
+                "candidates": candidates}  # fmt: skip
+
+    kept, copies_only = worker._finish([state("yes", ["Yes", "no"]), state("yes.", [" Yes", "YES!"])])
+    assert kept["preference"]["responses"] == ["yes", "no"] and kept["preference"]["num_levels"] == 1
+    assert kept["preference"]["replaced_positions"] == [[0, 1]]
+    assert copies_only["reject"]["reason"] == NO_LEVEL and "2 copies of y_w" in copies_only["reject"]["detail"]
 
 
 def test_build_similarity_by_kind(tmp_path):
