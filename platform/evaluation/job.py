@@ -30,7 +30,7 @@ from hscr_platform.core.config import config_hash, from_dict, save_config
 from hscr_platform.core.io import shard_files
 from hscr_platform.core.runtime import RayConfig, init_ray
 from hscr_platform.core.tracking import TrackingConfig
-from hscr_platform.evaluation.metrics import model_metrics, reliance_gap, row_records
+from hscr_platform.evaluation.metrics import ClosedMatch, model_metrics, reliance_gap, row_records
 from hscr_platform.evaluation.report import flat_metrics, markdown_report, write_report
 from hscr_platform.models.answering import VIEWS, AnswerActor, AnswerSpec, engines_vllm_module
 from hscr_platform.models.loading import check_vlm_folder
@@ -94,6 +94,8 @@ class EvaluateJobConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 16  # rows per actor call (one generate batch)
     max_new_tokens: int = 32
+    # closed questions: "contains" (LLaVA-Med's rule, whole words) or "strict" (a yes/no answer must not hedge)
+    closed_match: ClosedMatch = "contains"
     vllm: dict[str, Any] = field(default_factory=dict)  # VllmConfig keys (engine: vllm only)
     progress_bars: bool = False  # Ray Data's progress bars / progress log lines
     actors: ActorsConfig = field(default_factory=ActorsConfig)
@@ -261,12 +263,14 @@ def passes(cfg: EvaluateJobConfig, models: dict[str, str]) -> list[dict[str, str
 # --- scoring, report, tracking -------------------------------------------------------------------------
 
 
-def score_model(rows: list[dict], answers: dict[str, list[str]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def score_model(
+    rows: list[dict], answers: dict[str, list[str]], *, closed_match: ClosedMatch = "contains"
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(metrics with the image [+ reliance gap], metrics with the image blanked or None)."""
-    metrics = model_metrics(rows, answers["image"])
+    metrics = model_metrics(rows, answers["image"], closed_match=closed_match)
     if "blank" not in answers:
         return metrics, None
-    blanked = model_metrics(rows, answers["blank"])
+    blanked = model_metrics(rows, answers["blank"], closed_match=closed_match)
     metrics.update(reliance_gap(metrics, blanked))
     return metrics, blanked
 
@@ -332,7 +336,7 @@ def evaluate(cfg: EvaluateJobConfig, test: TestSet, models: dict[str, str], out:
             seconds, count = time.time() - t0, len(views) * len(test.rows) * len(group)
             print(f"[evaluate] {', '.join(group)}: {count} answers in {seconds:.1f}s", flush=True)
             for name in group:
-                results[name], blank = score_model(test.rows, answers[name])
+                results[name], blank = score_model(test.rows, answers[name], closed_match=cfg.closed_match)
                 results[name].update(seconds=round(seconds, 2), answers_per_s=round(count / seconds, 2))
                 if blank is not None:
                     blanked[name] = blank

@@ -17,12 +17,22 @@ mass, effusion, cyst) that an answer says is in the image:
   ("a nodule and two masses" claims nodule and mass; "no nodule" and "0 cysts" claim nothing);
 - closed presence questions: the kind the question asks about, when the prediction's first yes/no is "yes";
 - count questions ("how many cysts are there?"): the kind asked about, when the predicted number is >= 1.
-A claim is *hallucinated* when the image has no finding of that kind. Then
-- ``hallucination_rate`` = hallucinated claims / all claims (of the findings the model named, the share that
-  the image does not have; ``None`` when the model named none);
-- ``hallucinated_answer_rate`` = answers with at least one hallucinated claim / answers that could claim
-  (every open, report, presence and count row with findings);
-- ``hallucination_by_channel``: the same claim rate per channel ("text", "presence", "count").
+A claim is *hallucinated* when the image has no finding of that kind. The *expected* claims of a row are the
+claims its reference answer makes by the same rules, kept where the image has that kind (a "yes" presence
+answer, a count >= 1, the kinds a reference report or abnormality answer names). Then, summed over rows:
+- ``hallucination_rate`` = hallucinated claims / all claims (``None`` when the model named none), and
+  ``claim_precision`` = 1 − that: of the findings the model named, the share that the image has;
+- ``finding_recall`` = expected claims the prediction also makes / expected claims; ``hallucination_f1`` = the
+  harmonic mean of claim precision and finding recall. Saying less raises precision and lowers recall;
+- ``hallucinated_answer_rate`` = answers with at least one hallucinated claim / answers that make a claim;
+  ``claiming_answer_rate`` = answers that make a claim / answers that could claim (every open, report,
+  presence and count row with findings);
+- ``hallucination_by_channel``: claims, hallucinated, rate, expected, recalled, recall per channel ("text",
+  "presence", "count").
+
+Closed-question matching (``closed_match``): ``contains`` (the normalised answer occurs in the prediction as
+whole words) or ``strict`` (yes/no answers also need the prediction to contain no other yes/no word:
+``hscr.metrics.closed_hit``); with ``strict`` the contains figure stays as ``closed_accuracy_contains``.
 
 Image reliance: ``reliance_gap`` = a score with the real image minus the same score with the image replaced by
 a mid-grey image of the same size. A blank image is out of distribution for a small model, so the gap is a
@@ -34,9 +44,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from hscr.metrics import first_yes_no, normalize_answer
+from hscr.metrics import closed_hit, first_yes_no, normalize_answer, precision_recall_f1
 from hscr_platform.data.schema import ANSWER_TYPES
 from hscr_platform.data.synthmed.questions import PLURAL
 from hscr_platform.data.synthmed.render import KINDS
@@ -45,6 +55,7 @@ from hscr_platform.models.answering import score_row, summarize
 KIND_WORDS: dict[str, str] = {**{k: k for k in KINDS}, **{PLURAL[k]: k for k in KINDS}}  # word -> kind
 NEGATORS = frozenset({"no", "without", "0"})
 CHANNELS = ("text", "presence", "count")
+ClosedMatch = Literal["contains", "strict"]
 
 
 # --- parsing finding kinds ------------------------------------------------------------------------------
@@ -104,31 +115,51 @@ def hallucinated_claims(row: dict, prediction: str) -> list[str]:
     return [k for k in finding_claims(row, prediction) if k not in present]
 
 
+def expected_claims(row: dict) -> list[str]:
+    """The claims ``row``'s reference answer makes about kinds its image has: what a complete answer names."""
+    present = {f["kind"] for f in row.get("findings") or ()}
+    return [k for k in finding_claims(row, row["answer"]) if k in present]
+
+
 def hallucination(rows: Sequence[dict], predictions: Sequence[str]) -> dict[str, Any]:
-    """``hallucination_rate``, ``hallucinated_answer_rate`` and per-channel claim rates (module doc)."""
-    claims: dict[str, int] = defaultdict(int)
-    wrong: dict[str, int] = defaultdict(int)
-    answers = bad_answers = 0
+    """Claim precision, finding recall and F1, hallucination rates, per-channel counts (module doc)."""
+    counts: dict[str, dict[str, int]] = {c: defaultdict(int) for c in CHANNELS}
+    answers = claiming = bad_answers = 0
     for row, pred in zip(rows, predictions, strict=True):
         channel = claim_channel(row)
         if channel is None:
             continue
-        made, bad = finding_claims(row, pred), hallucinated_claims(row, pred)
-        answers += 1
-        bad_answers += bool(bad)
-        claims[channel] += len(made)
-        wrong[channel] += len(bad)
+        made, bad, expected = finding_claims(row, pred), hallucinated_claims(row, pred), expected_claims(row)
+        answers, claiming, bad_answers = answers + 1, claiming + bool(made), bad_answers + bool(bad)
+        tally = counts[channel]
+        tally["claims"] += len(made)
+        tally["hallucinated"] += len(bad)
+        tally["expected"] += len(expected)
+        tally["recalled"] += len(set(made) & set(expected))
     if not answers:
         return {}
+    total = {k: sum(c[k] for c in counts.values()) for k in ("claims", "hallucinated", "expected", "recalled")}
+    scores = precision_recall_f1(correct=total["claims"] - total["hallucinated"], claimed=total["claims"],
+                                 recalled=total["recalled"], expected=total["expected"])  # fmt: skip
     return {
-        "hallucination_rate": _ratio(sum(wrong.values()), sum(claims.values())),
-        "hallucinated_answer_rate": _ratio(bad_answers, answers),
-        "hallucination_claims": sum(claims.values()),
+        "hallucination_rate": _ratio(total["hallucinated"], total["claims"]),
+        "claim_precision": _round(scores["precision"]),
+        "finding_recall": _round(scores["recall"]),
+        "hallucination_f1": _round(scores["f1"]),
+        "hallucinated_answer_rate": _ratio(bad_answers, claiming),
+        "claiming_answer_rate": _ratio(claiming, answers),
+        "hallucination_claims": total["claims"],
+        "expected_claims": total["expected"],
         "hallucination_answers": answers,
-        "hallucination_by_channel": {
-            c: {"claims": claims[c], "hallucinated": wrong[c], "rate": _ratio(wrong[c], claims[c])} for c in CHANNELS
-        },
+        "claiming_answers": claiming,
+        "hallucination_by_channel": {c: _channel_entry(counts[c]) for c in CHANNELS},
     }
+
+
+def _channel_entry(tally: dict[str, int]) -> dict[str, Any]:
+    return {"claims": tally["claims"], "hallucinated": tally["hallucinated"],
+            "rate": _ratio(tally["hallucinated"], tally["claims"]), "expected": tally["expected"],
+            "recalled": tally["recalled"], "recall": _ratio(tally["recalled"], tally["expected"])}  # fmt: skip
 
 
 # --- report answers: BLEU and ROUGE-L --------------------------------------------------------------------
@@ -168,14 +199,25 @@ def report_scores(rows: Sequence[dict], predictions: Sequence[str]) -> dict[str,
 # --- aggregation ---------------------------------------------------------------------------------------
 
 
+def row_score(row: dict, prediction: str, *, closed_match: ClosedMatch = "contains") -> float:
+    """A row's score: closed 1/0 by ``closed_match`` (module doc), open and report answers their recall."""
+    if row["answer_type"] == "closed" and closed_match == "strict":
+        return float(closed_hit(prediction, row["answer"], strict=True))
+    return score_row(row, prediction)
+
+
 def group_scores(
-    rows: Sequence[dict], predictions: Sequence[str], key: Callable[[dict], str]
+    rows: Sequence[dict],
+    predictions: Sequence[str],
+    key: Callable[[dict], str],
+    *,
+    closed_match: ClosedMatch = "contains",
 ) -> dict[str, dict[str, Any]]:
     """Per group (``key(row)``, sorted): rows, and per answer type as in the overall figures: closed accuracy,
     open recall, report recall, each with its row count."""
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: {t: [] for t in ANSWER_TYPES})
     for row, pred in zip(rows, predictions, strict=True):
-        groups[key(row)][row["answer_type"]].append(score_row(row, pred))
+        groups[key(row)][row["answer_type"]].append(row_score(row, pred, closed_match=closed_match))
     return {name: _group_entry(g) for name, g in sorted(groups.items())}
 
 
@@ -191,11 +233,23 @@ def _group_entry(scores: dict[str, list[float]]) -> dict[str, Any]:
     return entry
 
 
-def model_metrics(rows: Sequence[dict], predictions: Sequence[str]) -> dict[str, Any]:
+def model_metrics(
+    rows: Sequence[dict], predictions: Sequence[str], *, closed_match: ClosedMatch = "contains"
+) -> dict[str, Any]:
     """Everything one model's answers score: the LLaVA-Med pair overall, per source and per type, the presence
     bias figures, report BLEU / ROUGE-L, and the hallucination figures where findings are known."""
     metrics = summarize(rows, predictions)
-    metrics["per_source"] = group_scores(rows, predictions, lambda r: str(r.get("source") or "unknown"))
+    metrics["closed_match"] = closed_match
+    if closed_match == "strict":  # closed figures re-scored; open / report scores and the yes-bias are the same
+        scored = [(r, row_score(r, p, closed_match="strict")) for r, p in zip(rows, predictions, strict=True)]
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for row, score in scored:
+            by_type[str(row.get("question_type") or row["answer_type"])].append(score)
+        metrics["closed_accuracy_contains"] = metrics["closed_accuracy"]
+        metrics["closed_accuracy"] = _mean([score for row, score in scored if row["answer_type"] == "closed"])
+        metrics["per_type"] = {t: {"n": len(v), "score": _mean(v)} for t, v in sorted(by_type.items())}
+    metrics["per_source"] = group_scores(rows, predictions, lambda r: str(r.get("source") or "unknown"),
+                                         closed_match=closed_match)  # fmt: skip
     metrics.update(report_scores(rows, predictions))
     metrics.update(hallucination(rows, predictions))
     return metrics
@@ -218,6 +272,10 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -22,7 +22,9 @@ Results = Mapping[str, Mapping[str, Any]]  # model name -> its metrics
 # (label, key) of the main table, in order; a row whose key no model has is left out.
 MAIN_ROWS: tuple[tuple[str, str], ...] = (
     ("rows", "n"),
+    ("closed-question match", "closed_match"),
     ("closed accuracy", "closed_accuracy"),
+    ("closed accuracy, contains rule", "closed_accuracy_contains"),  # shown when closed_match is strict
     ("open recall", "open_recall"),
     ("report recall", "report_recall"),
     ("report BLEU", "report_bleu"),
@@ -32,7 +34,11 @@ MAIN_ROWS: tuple[tuple[str, str], ...] = (
     ("presence: truth is yes", "presence_truth_yes_rate"),
     ("presence: false yes", "presence_false_yes_rate"),
     ("hallucination rate (claims)", "hallucination_rate"),
-    ("answers with a hallucination", "hallucinated_answer_rate"),
+    ("claim precision (1 - hallucination rate)", "claim_precision"),
+    ("finding recall", "finding_recall"),
+    ("hallucination F1 (claim precision, finding recall)", "hallucination_f1"),
+    ("answers that make a claim", "claiming_answer_rate"),
+    ("answers with a hallucination (of those that claim)", "hallucinated_answer_rate"),
     ("image-reliance gap, closed acc. (secondary)", "reliance_gap_closed_accuracy"),
     ("image-reliance gap, open recall (secondary)", "reliance_gap_open_recall"),
     ("blank image: says yes", "blank_presence_yes_rate"),
@@ -196,7 +202,8 @@ def _number(value: Any) -> bool:
 def flat_metrics(results: Results) -> dict[str, float]:
     """Every number as ``<model>.<metric>``, per-type scores as ``<model>.type.<type>``, per-source pairs as
     ``<model>.source.<source>.<closed_accuracy|open_recall|report_recall>``, hallucination channels as
-    ``<model>.hallucination.<channel>``; missing values (``None``) are left out."""
+    ``<model>.hallucination.<channel>`` (claim rate) and ``<model>.finding_recall.<channel>``; missing values
+    (``None``) are left out."""
     out: dict[str, float] = {}
     for model, m in results.items():
         out.update({f"{model}.{k}": v for k, v in m.items() if _number(v)})
@@ -205,4 +212,5 @@ def flat_metrics(results: Results) -> dict[str, float]:
             out.update({f"{model}.source.{source}.{k}": e.get(k) for _, k in SOURCE_ROWS})
         for channel, e in m.get("hallucination_by_channel", {}).items():
             out[f"{model}.hallucination.{channel}"] = e.get("rate")
+            out[f"{model}.finding_recall.{channel}"] = e.get("recall")
     return {_UNSAFE.sub("_", k): float(v) for k, v in out.items() if _number(v)}

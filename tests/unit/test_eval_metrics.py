@@ -8,6 +8,7 @@ import pytest
 
 from hscr_platform.evaluation.metrics import (
     bleu,
+    expected_claims,
     finding_claims,
     group_scores,
     hallucinated_claims,
@@ -83,24 +84,53 @@ def test_claims_per_row() -> None:
     assert wrong == [[], ["cyst"], [], ["nodule"], [], ["cyst"], [], [], []]
 
 
+def test_expected_claims_come_from_the_reference_answer_and_the_image() -> None:
+    expected = [expected_claims(r) for r in ROWS]
+    # presence "yes" -> mass; "no" answers and a count of 0 expect nothing; the report and the abnormality
+    # answer name their finding; "1" mass expects mass; the closed modality row and the row without findings none
+    assert expected == [["mass"], [], [], ["mass"], ["effusion"], [], ["mass"], [], []]
+    wrong_truth = _row("is there a cyst?", "yes", "closed", "presence", _f("mass"))  # answer and image disagree
+    assert expected_claims(wrong_truth) == []
+
+
 def test_hallucination_rates_by_hand() -> None:
     out = hallucination(ROWS, PREDICTIONS)
     # claims: 1 + 1 + 0 + 2 + 1 + 1 + 0 = 6, hallucinated: cyst, nodule, cyst = 3 -> 3 / 6
-    assert out["hallucination_rate"] == 0.5
+    assert out["hallucination_rate"] == 0.5 and out["claim_precision"] == 0.5
     assert out["hallucination_claims"] == 6
-    # answers that could claim: rows 1-7 (not the modality row, not the row without findings); 3 hallucinate
-    assert out["hallucination_answers"] == 7
-    assert out["hallucinated_answer_rate"] == round(3 / 7, 4)
+    # expected 4 (mass, mass, effusion, mass); recalled: rows 0, 3, 4 (row 6 answered "0") -> 3 / 4
+    assert out["expected_claims"] == 4 and out["finding_recall"] == 0.75
+    assert out["hallucination_f1"] == 0.6  # 2 · 0.5 · 0.75 / 1.25
+    # answers that could claim: rows 0-6 (not the modality row, not the row without findings): 7;
+    # answers that claim: rows 0, 1, 3, 4, 5 -> 5 / 7; 3 of those 5 hallucinate -> 3 / 5
+    assert out["hallucination_answers"] == 7 and out["claiming_answers"] == 5
+    assert out["claiming_answer_rate"] == round(5 / 7, 4)
+    assert out["hallucinated_answer_rate"] == 0.6
     by = out["hallucination_by_channel"]
-    assert by["presence"] == {"claims": 2, "hallucinated": 1, "rate": 0.5}
-    assert by["text"] == {"claims": 3, "hallucinated": 1, "rate": 0.3333}
-    assert by["count"] == {"claims": 1, "hallucinated": 1, "rate": 1.0}
+    assert by["presence"] == {"claims": 2, "hallucinated": 1, "rate": 0.5, "expected": 1, "recalled": 1, "recall": 1.0}
+    assert by["text"] == {"claims": 3, "hallucinated": 1, "rate": 0.3333, "expected": 2, "recalled": 2, "recall": 1.0}
+    assert by["count"] == {"claims": 1, "hallucinated": 1, "rate": 1.0, "expected": 1, "recalled": 0, "recall": 0.0}
+
+
+def test_saying_less_keeps_precision_but_loses_recall_and_f1() -> None:
+    """A model that answers "no" to every presence question and names nothing never hallucinates, but it finds
+    nothing: precision undefined (no claims), recall 0; answering only what it is sure of (row 0's "yes")
+    gives precision 1, recall 1/4, F1 = 2 · 1 · 0.25 / 1.25 = 0.4."""
+    silent = ["no", "no", "no", "ct of the chest.", "none", "0", "0", "yes", "nodule"]
+    out = hallucination(ROWS, silent)
+    assert out["hallucination_rate"] is None and out["finding_recall"] == 0.0 and out["hallucination_f1"] is None
+    assert out["hallucinated_answer_rate"] is None and out["claiming_answer_rate"] == 0.0
+    cautious = ["yes", *silent[1:]]
+    out = hallucination(ROWS, cautious)
+    assert (out["claim_precision"], out["finding_recall"], out["hallucination_f1"]) == (1.0, 0.25, 0.4)
+    assert out["hallucinated_answer_rate"] == 0.0
 
 
 def test_hallucination_without_claims_or_ground_truth() -> None:
     rows = [_row("is there a mass?", "no", "closed", "presence", [])]
     out = hallucination(rows, ["no"])
-    assert out["hallucination_rate"] is None and out["hallucinated_answer_rate"] == 0.0
+    assert out["hallucination_rate"] is None and out["hallucinated_answer_rate"] is None  # no answer claims
+    assert out["finding_recall"] is None and out["claiming_answer_rate"] == 0.0  # nothing to find, nothing said
     assert hallucination([ROWS[-1]], ["nodule"]) == {}  # real data: nothing to check against
 
 
@@ -155,6 +185,26 @@ def test_model_metrics_has_every_section() -> None:
     assert set(out["per_source"]) == {"synthmed", "vqa_rad"}
     assert out["report_n"] == 1 and out["hallucination_rate"] == 0.5
     assert out["per_type"]["presence"] == {"n": 3, "score": pytest.approx(2 / 3, abs=1e-4)}
+
+
+def test_strict_closed_match_rescores_closed_rows_only() -> None:
+    rows = [
+        _row("is there a mass?", "yes", "closed", "presence", _f("mass")),
+        _row("is there a cyst?", "no", "closed", "presence", _f("mass")),
+        _row("is this a ct scan?", "yes", "closed", "modality", _f("mass")),
+        _row("what abnormality is seen?", "mass", "open", "abnormality", _f("mass")),
+    ]
+    preds = ["yes or no", "no", "yes", "a mass"]
+    contains = model_metrics(rows, preds)
+    # contains: the hedge hits -> 3 / 3; strict: it misses -> 2 / 3; presence type 2/2 -> 1/2
+    assert contains["closed_accuracy"] == 1.0 and contains["closed_match"] == "contains"
+    assert "closed_accuracy_contains" not in contains
+    strict = model_metrics(rows, preds, closed_match="strict")
+    assert strict["closed_accuracy"] == 0.6667 and strict["closed_accuracy_contains"] == 1.0
+    assert strict["per_type"]["presence"] == {"n": 2, "score": 0.5}
+    assert strict["per_type"]["abnormality"] == contains["per_type"]["abnormality"]  # open rows unchanged
+    assert strict["per_source"]["synthmed"]["closed_accuracy"] == 0.6667
+    assert strict["open_recall"] == contains["open_recall"] == 1.0
 
 
 def test_row_records() -> None:

@@ -27,9 +27,10 @@ RESULTS = {
     "aligned": {
         "n": 10, "closed_accuracy": 0.7, "open_recall": 0.5, "presence_yes_rate": 0.5,
         "presence_truth_yes_rate": 0.5, "presence_false_yes_rate": 0.2, "hallucination_rate": 0.125,
+        "claim_precision": 0.875, "finding_recall": 0.7, "hallucination_f1": 0.7778,
         "per_type": {"presence": {"n": 6, "score": 0.8333}, "count": {"n": 4, "score": 0.5}},
         "per_source": {"synthmed": {"n": 10, "closed_accuracy": 0.7, "open_recall": 0.5}},
-        "hallucination_by_channel": {"text": {"claims": 8, "hallucinated": 1, "rate": 0.125}},
+        "hallucination_by_channel": {"text": {"claims": 8, "hallucinated": 1, "rate": 0.125, "recall": 0.7}},
         "blank_presence_yes_rate": 0.0,
     },
 }  # fmt: skip
@@ -53,6 +54,9 @@ def test_main_table_rows_models_and_missing_values() -> None:
     assert "| closed accuracy | 0.600 | 0.700 |" in lines
     assert "| hallucination rate (claims) | - | 0.125 |" in lines  # one model has it: the row stays
     assert "| blank image: says yes | 1.000 | 0.000 |" in lines
+    assert "| claim precision (1 - hallucination rate) | - | 0.875 |" in lines
+    assert "| finding recall | - | 0.700 |" in lines
+    assert "| hallucination F1 (claim precision, finding recall) | - | 0.778 |" in lines
     assert not any(line.startswith("| report BLEU") for line in lines)  # no model has it: left out
 
 
@@ -71,7 +75,8 @@ def test_flat_metrics_names() -> None:
     assert flat["base.closed_accuracy"] == 0.6 and flat["aligned.n"] == 10.0
     assert flat["aligned.type.presence"] == 0.8333
     assert flat["base.source.synthmed.open_recall"] == 0.25
-    assert flat["aligned.hallucination.text"] == 0.125
+    assert flat["aligned.hallucination.text"] == 0.125 and flat["aligned.finding_recall.text"] == 0.7
+    assert flat["aligned.hallucination_f1"] == 0.7778
     assert "base.hallucination_rate" not in flat and "base.hallucination.text" not in flat  # None: left out
     assert flat["x y_z.type.a/b_"] == 0.5  # characters MLflow refuses become "_"
 

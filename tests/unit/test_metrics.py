@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hscr.metrics import closed_hit, first_yes_no, normalize_answer, open_recall, yes_rate
+from hscr.metrics import closed_hit, first_yes_no, normalize_answer, open_recall, precision_recall_f1, yes_rate
 
 
 def test_normalize_answer() -> None:
@@ -51,3 +51,24 @@ def test_yes_rate_first_yes_no_word_decides() -> None:
     assert [first_yes_no(p) for p in predictions] == ["yes", "no", "yes", "no", None]
     assert yes_rate(predictions) == pytest.approx(0.4)
     assert math.isnan(yes_rate([]))
+
+
+def test_strict_closed_hit_refuses_a_hedge() -> None:
+    # contains: "yes or no" hits both answers; strict: it commits to neither, so it misses both
+    assert closed_hit("yes or no", "yes") and closed_hit("yes or no", "no")
+    assert not closed_hit("yes or no", "yes", strict=True) and not closed_hit("yes or no", "no", strict=True)
+    assert closed_hit("No, there is no nodule.", "no", strict=True)  # "no" twice, never "yes"
+    assert not closed_hit("Yes, there is no doubt", "yes", strict=True)  # says both words: a miss when strict
+    assert not closed_hit("There is a nodule.", "no", strict=True)
+    # answers other than yes/no are scored as without strict
+    assert closed_hit("left, not right", "left", strict=True)
+
+
+def test_precision_recall_f1_by_hand() -> None:
+    # 3 of 6 claims true: P = 0.5; 3 of 4 expected named: R = 0.75; F1 = 2·0.5·0.75 / 1.25 = 0.6
+    out = precision_recall_f1(correct=3, claimed=6, recalled=3, expected=4)
+    assert out == {"precision": 0.5, "recall": 0.75, "f1": pytest.approx(0.6)}
+    # saying nothing: precision undefined, recall 0 -> F1 undefined; claiming only wrong things: F1 = 0
+    assert precision_recall_f1(correct=0, claimed=0, recalled=0, expected=4) == {"precision": None, "recall": 0.0,
+                                                                                  "f1": None}  # fmt: skip
+    assert precision_recall_f1(correct=0, claimed=2, recalled=0, expected=4)["f1"] == 0.0
