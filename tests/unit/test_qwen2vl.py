@@ -269,3 +269,30 @@ def test_loader_builds_qwen_inputs_without_torchvision(setup):
     model, processor, _, _, _ = setup
     assert isinstance(processor, MropeProcessor)
     assert type(model).__name__ in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def test_scoring_and_evaluation_paths_run_on_qwen(setup):
+    """score_batch (what generation runs) gives y_w's reference log-probs; generate_answers (evaluation, batched
+    and left-padded) gives the same answers as the shared-prefix decoder."""
+    from hscr_platform.generation.scoring import HscrConfig, excluded_token_ids, score_batch
+    from hscr_platform.models.engines.decoding import ContinuationRequest
+    from hscr_platform.models.engines.hf import HFDecoder
+    from hscr_platform.models.loading import generate_answers
+
+    model, processor, images, responses, _ = setup
+    pad, tok = processor.tokenizer.pad_token_id, processor.tokenizer
+    prefix = encode_prefixes(processor, images, QUESTIONS)
+    ys = [responses[0], responses[2]]
+    want = shared_prefix_logps(model, prefix, ys, [0, 1], pad_id=pad)[1]
+    cfg = HscrConfig(n_coupled=2, levels=2)
+    scored = score_batch(model, processor, images, QUESTIONS, ys, ids_of=["a", "b"], cfg=cfg,
+                         excluded=excluded_token_ids(tok))  # fmt: skip
+    for i, (result, logps) in enumerate(scored):
+        torch.testing.assert_close(torch.tensor(logps), want[i, : len(ys[i])], atol=1e-5, rtol=1e-5)
+        assert len(result.shift) == len(ys[i])
+    answers = generate_answers(model, processor, images, QUESTIONS, max_new_tokens=5)
+    requests = [ContinuationRequest(example_id=q, image=im, question=q, forced=(), max_new_tokens=5)
+                for im, q in zip(images, QUESTIONS, strict=True)]  # fmt: skip
+    decoded = HFDecoder(model, processor).continue_greedy(requests)
+    assert answers == [tok.decode(list(d.token_ids), skip_special_tokens=True).strip() for d in decoded]
+    assert all(answers), answers  # something was decoded
