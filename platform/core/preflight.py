@@ -21,6 +21,7 @@ caller (``check_model``, e.g. ``models.loading.check_vlm_folder``: core imports 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import urllib.error
@@ -202,11 +203,11 @@ def stage_checks(
     for key in MODEL_FIELDS.get(job, ()):
         for path in _paths(_get(cfg, key)):
             if not upstream(path):
-                checks.append((f"{name}: {key}", lambda p=path: check_model(p)))
+                checks.append((f"{name}: {key}", functools.partial(check_model, path)))
     for key in INPUT_FIELDS.get(job, ()):
         for path in _paths(_get(cfg, key)):
             if not upstream(path):
-                checks.append((f"{name}: {key}", lambda p=path, k=key: check_exists(p, k.split(".")[-1])))
+                checks.append((f"{name}: {key}", functools.partial(check_exists, path, key.split(".")[-1])))
     uri = _get(cfg, "tracking.uri") if _get(cfg, "tracking.enabled") is not False else None
     if uri:
         checks.append((f"{name}: tracking.uri", lambda: check_tracking_server(uri)))

@@ -84,7 +84,7 @@ def _refresh_auth_config() -> None:
 
     The same two calls Ray makes itself when ``ray.init`` turns token auth on (authentication_token_setup).
     """
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
