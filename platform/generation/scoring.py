@@ -35,7 +35,14 @@ from hscr.rewards import (
     visual_token_dropout,
 )
 from hscr_platform.models.loading import conversation_text, prompt_text
-from hscr_platform.models.logprobs import encode_prefixes, features_as_encoder_outputs, image_features, pad_responses
+from hscr_platform.models.logprobs import (
+    encode_prefixes,
+    features_as_encoder_outputs,
+    following_positions,
+    image_feature_list,
+    pad_responses,
+    prefix_positions,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,15 +137,21 @@ def model_token_limit(config: Any, override: int | None = None) -> int:
     return int(text_config.max_position_embeddings)
 
 
-def dropped_view(features: torch.Tensor, example_ids: Sequence[str], *, cfg: HscrConfig) -> torch.Tensor:
-    """(B, N, D) visual tokens with ``p_drop`` of each example's tokens zeroed, seeded per example id."""
+def dropped_view(
+    features: torch.Tensor | Sequence[torch.Tensor], example_ids: Sequence[str], *, cfg: HscrConfig
+) -> torch.Tensor | list[torch.Tensor]:
+    """Visual tokens with ``p_drop`` of each example's tokens zeroed, seeded per example id.
+
+    features: (B, N, D), or one (N_i, D) per example where counts differ (Qwen2-VL family); the same form
+    comes back.
+    """
     views = [
         visual_token_dropout(
             features[i], p_drop=cfg.p_drop, generator=example_generator(cfg.seed, ex), mode=cfg.dropout_mode
         )[0]
         for i, ex in enumerate(example_ids)
     ]
-    return torch.stack(views)  # (B, N, D)
+    return torch.stack(views) if isinstance(features, torch.Tensor) else views  # (B, N, D) or [(N_i, D)]
 
 
 def _two_view_inputs(
@@ -154,12 +167,14 @@ def _two_view_inputs(
     """Model inputs of 2B rows (full view, then dropped view) and T, the longest response."""
     device = model.device
     prefix = encode_prefixes(processor, images, questions)
-    features = image_features(model, prefix["pixel_values"].to(device=device, dtype=model.dtype))  # (B, N, D)
-    views = torch.cat([features, dropped_view(features, ids_of, cfg=cfg)])  # (2B, N, D)
+    features = image_feature_list(model, prefix)  # one (N_i, D) per image; N_i may differ (Qwen2-VL)
+    views = [*features, *dropped_view(features, ids_of, cfg=cfg)]  # 2B images: full, then dropped
     ids, mask = pad_responses(responses, pad_id=int(processor.tokenizer.pad_token_id))  # (B, T)
     seq = torch.cat([prefix["input_ids"], ids], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
     attn = torch.cat([prefix["attention_mask"], mask.long()], dim=1).to(device).repeat(2, 1)  # (2B, P + T)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (2B, P + T)
+    rows = prefix_positions(prefix)  # (B, P), or (3, B, P) for mRoPE
+    positions = torch.cat([rows, following_positions(rows, ids.shape[1])], dim=-1).to(device)  # (..., B, P + T)
+    positions = torch.cat([positions, positions], dim=-2)  # (..., 2B, P + T)
     inputs = {
         "input_ids": seq,
         "attention_mask": attn,
