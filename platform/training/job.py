@@ -42,6 +42,7 @@ class Plan:
 def make_plan(cfg: TrainJobConfig) -> Plan:
     from hscr_platform.models.loading import check_vlm_folder
     from hscr_platform.models.logprobs import model_fingerprint
+    from hscr_platform.training.policy import dtype_name
 
     layout = dataset_layout(cfg.data.path, max_rows=cfg.data.max_rows)
     per_step = batch_plan(cfg.batch, cfg.workers.num_workers).global_batch
@@ -50,7 +51,8 @@ def make_plan(cfg: TrainJobConfig) -> Plan:
         raise ValueError(f"{layout.total} preference rows are fewer than one global batch ({per_step})")
     total = cfg.schedule.max_steps or cfg.schedule.epochs * steps_per_epoch
     ref_dir = check_vlm_folder(cfg.reference.path or cfg.policy.path)
-    fingerprint = model_fingerprint(ref_dir) if cfg.reference.use_stored_logps else ""
+    # the precision the reference forward runs at is part of what stored log-probs are valid for
+    fingerprint = model_fingerprint(ref_dir, dtype=dtype_name(cfg)) if cfg.reference.use_stored_logps else ""
     return Plan(layout, steps_per_epoch, total, fingerprint)
 
 
