@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from hscr.rerank import cosine_similarity, lexical_similarity
+from hscr.rewards import FUNCTION_WORDS
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -29,7 +30,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class SimilarityConfig:
     """Which similarity the re-ranker uses."""
 
-    kind: Literal["embedding", "lexical"] = "embedding"
+    kind: Literal["embedding", "lexical", "content"] = "embedding"
     model: str | None = None  # a sentence-transformers folder; null = the packaged all-MiniLM-L6-v2
     batch_size: int = 64  # texts per embedding forward
     max_length: int = 128  # tokens per text for the embedding model (longer texts are cut)
@@ -74,6 +75,24 @@ class LexicalSimilarity:
 
     def many(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
         return [self.similarities(reference, candidates) for reference, candidates in pairs]
+
+
+class ContentSimilarity(LexicalSimilarity):
+    """Token F1 over content words only (function words such as "the", "of", "a" removed).
+
+    A level changes a few image-dependent words ("lower" -> "upper", "cyst" -> "mass"); sentence embeddings score
+    such pairs near 1 (all-MiniLM-L6-v2: 0.99 for "a cyst in the lower part" vs "... upper part") and the graded
+    levels collapse under ``min_gap``. Over content words that pair scores 2/3, so levels that change more
+    findings rank lower.
+    """
+
+    def similarities(self, reference: str, candidates: Sequence[str]) -> list[float]:
+        ref = content_words(reference)
+        return [lexical_similarity(content_words(c), ref) for c in candidates]
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if w not in FUNCTION_WORDS]
 
 
 def packaged_model_dir() -> Path:
@@ -137,5 +156,7 @@ def build_similarity(cfg: SimilarityConfig) -> Similarity:
     """The configured similarity (loads the embedding model once; call it once per actor)."""
     if cfg.kind == "lexical":
         return LexicalSimilarity()
+    if cfg.kind == "content":
+        return ContentSimilarity()
     folder = Path(cfg.model) if cfg.model else packaged_model_dir()
     return EmbeddingSimilarity(folder, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device)

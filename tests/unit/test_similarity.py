@@ -92,3 +92,14 @@ def test_embeddings_are_unit_mean_pooled(embedding):
     emb = embedding.embed(["a", "a much longer sentence about a scan of the chest"])
     assert emb.shape == (2, 384)
     assert emb.norm(dim=-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_content_similarity_grades_changed_findings():
+    from hscr_platform.generation.similarity import ContentSimilarity, SimilarityConfig, build_similarity
+
+    assert isinstance(build_similarity(SimilarityConfig(kind="content")), ContentSimilarity)
+    # content words of y_w: cyst, lower, part. One word changed: F1 = 2·2/(3+3) = 2/3; two changed: 2·1/6 = 1/3
+    sims = ContentSimilarity().similarities(
+        "a cyst in the lower part.", ["a cyst in the upper part.", "a mass in the upper part.", "no cyst is seen."]
+    )
+    assert sims == pytest.approx([2 / 3, 1 / 3, 1 / 3])
