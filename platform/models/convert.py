@@ -30,7 +30,7 @@ import torch
 ORIGINAL_ARCHITECTURES = {"LlavaMistralForCausalLM": "mistral", "LlavaLlamaForCausalLM": "llama"}
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR = {"model.mm_projector.0.": "linear_1.", "model.mm_projector.2.": "linear_2."}
-SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # original -> llava-hf vision_feature_select_strategy
+SELECT_FEATURE: dict[str, Literal["default", "full"]] = {"patch": "default", "cls_patch": "full"}  # -> llava-hf
 MM_KEYS_PREFIX = ("mm_", "freeze_mm", "tune_mm", "image_", "tokenizer_", "use_mm")
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -227,7 +227,7 @@ def build_llava(original: OriginalLlava, parts: dict[str, dict[str, torch.Tensor
 
     lm = parts["language_model"]
     lm["embed_tokens.weight"] = grow_rows(lm["embed_tokens.weight"], added)
-    head = parts["lm_head"].get("weight")
+    head: torch.Tensor | None = parts["lm_head"].get("weight")
     tied = head is None
     text = text_config_of(original, vocab_size=lm["embed_tokens.weight"].shape[0])
     text.tie_word_embeddings = tied
@@ -247,7 +247,7 @@ def build_llava(original: OriginalLlava, parts: dict[str, dict[str, torch.Tensor
     _load(inner.language_model, lm, "language model")
     _load(inner.multi_modal_projector, parts["projector"], "mm_projector")
     _load(inner.vision_tower, _tower_names(inner.vision_tower, parts["tower"]), "vision tower")
-    if tied:
+    if head is None:
         model.tie_weights()
     else:
         _load(model.lm_head, {"weight": grow_rows(head, added)}, "lm_head")
