@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm lint format bench ship clean
+.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm test-gpu lint format bench ship clean
 
 setup: $(VENV)/.project
 
@@ -55,6 +55,12 @@ setup-vllm:
 
 test-vllm: setup-vllm
 	.venv-vllm/bin/python -m pytest -q -ra tests/vllm tests/unit/test_engines_vllm_import.py $(PYTEST_ARGS)
+
+# the GPU tier (tests/gpu; skipped without a CUDA device): run it with an environment holding CUDA torch and the
+# GPU vllm (pip install -e '.[gpu]'), e.g. GPU_PY=/opt/venv/bin/python make test-gpu; -s prints its numbers
+GPU_PY ?= $(BIN)/python
+test-gpu:
+	$(GPU_PY) -m pytest -q -ra -s tests/gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

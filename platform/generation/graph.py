@@ -1,6 +1,7 @@
 """The generation pipeline's Ray Data graph, its stage actors, and the per-chunk commit + manifest.
 
-    chunk descriptors -> read + validate (tasks) -> [fused actor | scorer -> decoder -> finisher actors]
+    chunk descriptors -> read + validate (tasks) -> [fused actor | scorer -> decoder -> finisher actors
+                                                      | vLLM score + decode actors -> finisher actors]
                       -> driver: gather each chunk's rows, commit the chunk atomically, log progress
 
 Rows travel between stages as ``(chunk, row, state)`` with ``state`` a pickled dict (``generate_worker``),
@@ -229,6 +230,21 @@ class FinishActor(StageActor):
     parts = ("finish",)
 
 
+class ScoreDecodeActor(StageActor):
+    """The ``vllm`` layout's engine actor: one vLLM engine scores both views and decodes every level."""
+
+    parts = ("score", "decode")
+
+
+def layout_stages(c: Any) -> list[tuple[type[StageActor], Any]]:
+    """(actor class, pool config) of each stage of ``compute.layout``, in order."""
+    if c.layout == "fused":
+        return [(FusedActor, c.fused)]
+    if c.layout == "vllm":
+        return [(ScoreDecodeActor, c.decoder), (FinishActor, c.finisher)]
+    return [(ScoreActor, c.scorer), (DecodeActor, c.decoder), (FinishActor, c.finisher)]
+
+
 def build_dataset(cfg: GenerateJobConfig, plan: ChunkPlan, todo: Sequence[int], spec: WorkerSpec) -> Any:
     """chunk descriptors -> read/validate tasks -> actor pool(s); one block per chunk throughout."""
     import ray.data
@@ -242,13 +258,7 @@ def build_dataset(cfg: GenerateJobConfig, plan: ChunkPlan, todo: Sequence[int], 
         batch_format="pyarrow",
         num_cpus=cfg.compute.read_cpus,
     )
-    c = cfg.compute
-    stages = (
-        [(FusedActor, c.fused)]
-        if c.layout == "fused"
-        else [(ScoreActor, c.scorer), (DecodeActor, c.decoder), (FinishActor, c.finisher)]
-    )
-    for actor, pool in stages:
+    for actor, pool in layout_stages(cfg.compute):
         gpus = {"num_gpus": pool.gpus} if pool.gpus else {}
         ds = ds.map_batches(
             actor,

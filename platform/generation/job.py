@@ -56,13 +56,29 @@ class GenModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScorerConfig:
+    """Who scores y_w under the two views: the exact transformers forward, or vLLM's prompt log-probs
+    (generation/vllm_scoring.py: log-prob shift only, top-K log-probs per position, the dropout view as image
+    embeddings; the engine is the decoder's, settings in ``decoder.vllm``)."""
+
+    engine: Literal["transformers", "vllm"] = "transformers"
+    top_k: int = 20  # vllm: log-probs returned per position and view (the plausible set must fit in them)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     engine: Literal["transformers", "vllm"] = "transformers"
     max_new_tokens: int = 64  # tokens decoded after a level's forced prefix at most
     # false = the benchmark's naive baseline: the image + prompt prefix recomputed for every level, and the
     # reference log-probs by one full forward per response instead of reusing the scoring / decoding logits
     reuse_prefix: bool = True
-    vllm: dict[str, Any] = field(default_factory=dict)  # engines_vllm.VllmConfig keys (engine: vllm only)
+    # VllmConfig keys of the actor's vLLM engine (decoder and/or scorer on vllm); unset memory settings get
+    # the device's default (models/engines/vllm.py: 0.9 of a GPU, a 512 MiB KV cache on CPU)
+    vllm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -84,9 +100,12 @@ class PoolConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ComputeConfig:
-    # fused: one actor class does score + decode + re-rank + reference (one model load; CPU default).
+    # fused: one actor class does score + decode + re-rank + reference (one model load; CPU default); with
+    #   vLLM engines the actor holds one vLLM engine beside the transformers model (reference, re-rank).
     # split: scorer pool -> decoder pool -> finisher pool (re-rank + reference), sized apart (GPU clusters).
-    layout: Literal["fused", "split"] = "fused"
+    # vllm: one vLLM actor pool scores and decodes (pool: compute.decoder; the image prefix cached once for
+    #   the full view and every level) -> finisher pool; needs scorer.engine and decoder.engine vllm.
+    layout: Literal["fused", "split", "vllm"] = "fused"
     batch_size: int = 8  # examples per forward micro-batch (all levels of these examples decode together)
     torch_threads: int = 1  # intra-op threads per actor
     read_cpus: float = 0.25  # per read + validate task
@@ -121,6 +140,7 @@ class GenerateJobConfig:
     output: GenOutputConfig
     hscr: HscrConfig = field(default_factory=HscrConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     run: GenRunConfig = field(default_factory=GenRunConfig)
@@ -128,9 +148,18 @@ class GenerateJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # store: <output.path>/../mlflow.db
 
     def __post_init__(self) -> None:
-        if self.decoder.engine == "vllm" and self.compute.layout == "fused":
-            raise ValueError("decoder.engine 'vllm' needs compute.layout 'split' (vLLM runs in its own actor pool)")
-        if self.decoder.engine == "vllm":  # its keys fail at load time, not in an actor hours later
+        engines = {self.scorer.engine, self.decoder.engine}
+        if self.compute.layout == "vllm" and engines != {"vllm"}:
+            raise ValueError(
+                "compute.layout 'vllm' scores and decodes in one vLLM actor pool: set scorer.engine=vllm and "
+                "decoder.engine=vllm (or compute.layout=fused / split for a transformers engine)"
+            )
+        if self.scorer.engine == "vllm":
+            from hscr_platform.generation.vllm_scoring import LOGIT_SHIFT_REFUSED
+
+            if getattr(self.hscr, "shift", "logprob") != "logprob":
+                raise ValueError(LOGIT_SHIFT_REFUSED)
+        if "vllm" in engines:  # its keys fail at load time, not in an actor hours later
             from hscr_platform.core.config import from_dict
             from hscr_platform.models.engines.vllm import VllmConfig
 
@@ -140,7 +169,7 @@ class GenerateJobConfig:
 def result_config(cfg: GenerateJobConfig) -> dict[str, Any]:
     """The part of the config that decides the output rows (not paths, pool sizes, progress or stop knobs)."""
     full = to_dict(cfg)
-    result = {key: full[key] for key in ("data", "model", "hscr", "similarity", "decoder")}
+    result = {key: full[key] for key in ("data", "model", "hscr", "similarity", "scorer", "decoder")}
     result["batch_size"] = cfg.compute.batch_size  # padding within a micro-batch moves floats slightly
     return result
 

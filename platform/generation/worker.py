@@ -25,6 +25,7 @@ from hscr_platform.generation.job import GenerateJobConfig, model_config
 from hscr_platform.generation.similarity import near_copy
 from hscr_platform.models.engines.decoding import ContinuationRequest, Decoder
 from hscr_platform.models.engines.hf import HFDecoder
+from hscr_platform.models.engines.vllm import EngineDied
 
 ANSWER_TOO_LONG = "answer_too_long"  # image + prompt + y_w exceed the model's limit (never truncated)
 NO_COUPLED = "no_coupled_positions"  # y_w has no eligible position (special / punctuation only)
@@ -59,6 +60,8 @@ def guarded(fn: Callable[[list[dict]], list[dict]], batch: list[dict]) -> None:
     """Apply ``fn`` (returns one update per row) to a micro-batch; on an error retry row by row."""
     try:
         updates = fn(batch)
+    except EngineDied:  # not the rows' fault: the caller restarts the engine or stops without committing
+        raise
     except Exception as exc:  # any failure of one row must not fail its batch
         if len(batch) == 1:
             batch[0].update(reject(batch[0], PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
@@ -104,15 +107,23 @@ class Worker:
         self.eos_ids = eos_ids(spec.model_dir, self.tokenizer)
         self.limit = model_token_limit(config, cfg.model.max_tokens)
         self.excluded = excluded_token_ids(self.tokenizer) if "score" in parts else None
+        self.engine = self._vllm_engine()  # one vLLM engine for this actor's vLLM scorer and decoder, if any
+        self.vllm_scorer = self._vllm_scorer() if self.uses_vllm("score") else None
         self.decoder = self._decoder() if "decode" in parts else None
         self.similarity = build_similarity(cfg.similarity) if "finish" in parts else None
 
+    def uses_vllm(self, part: str) -> bool:
+        """Whether this actor runs ``part`` (score / decode) on its vLLM engine."""
+        engine = {"score": self.cfg.scorer.engine, "decode": self.cfg.decoder.engine}.get(part)
+        return part in self.parts and engine == "vllm"
+
     def _load(self) -> tuple[Any, Any, Any]:
-        """(HF model or None, processor, model config): a vLLM-only decode actor loads no HF weights."""
+        """(HF model or None, processor, model config): an actor whose every model part runs on vLLM loads no
+        HF language model (a vLLM scorer loads the vision tower + projector only, in ``_vllm_scorer``)."""
         from hscr_platform.models.loading import load_vlm
 
         model_cfg = model_config(self.cfg.model, Path(self.spec.model_dir))
-        if self.parts & {"score", "finish"} or self.cfg.decoder.engine == "transformers":
+        if "finish" in self.parts or any(p in self.parts and not self.uses_vllm(p) for p in ("score", "decode")):
             model, processor = load_vlm(model_cfg)
             if torch.cuda.is_available():  # Ray exposes a GPU only to actors that reserved one
                 model = model.to("cuda")
@@ -122,18 +133,47 @@ class Worker:
         processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
         return None, processor, AutoConfig.from_pretrained(model_cfg.path)
 
+    def _vllm_engine(self) -> Any:
+        """The actor's vLLM engine (``decoder.vllm`` settings; image embeddings and top-K log-probs on when
+        it scores), or None when no part runs on vLLM."""
+        if not (self.uses_vllm("score") or self.uses_vllm("decode")):
+            return None
+        from hscr_platform.models.engines.vllm import VllmEngine, vllm_engine_config
+
+        top_k = self.cfg.scorer.top_k if self.uses_vllm("score") else None
+        return VllmEngine(self.spec.model_dir, vllm_engine_config(self.cfg.decoder.vllm, self.cfg.model, top_k=top_k))
+
+    def _vllm_scorer(self) -> Any:
+        from hscr_platform.generation.vllm_scoring import VisionEncoder, VllmScorer
+
+        if self.model is not None:
+            encoder = VisionEncoder(model=self.model, processor=self.processor)
+        else:
+            encoder = VisionEncoder(model_config(self.cfg.model, Path(self.spec.model_dir)))
+        return VllmScorer(self.engine, encoder, cfg=self.cfg.hscr, top_k=self.cfg.scorer.top_k, excluded=self.excluded)
+
     def _decoder(self) -> Decoder:
         if self.cfg.decoder.engine == "transformers":
             return HFDecoder(self.model, self.processor, reuse_prefix=self.cfg.decoder.reuse_prefix)
-        from hscr_platform.models.engines.vllm import build_vllm_decoder
+        from hscr_platform.models.engines.vllm import VllmDecoder
 
-        return build_vllm_decoder(self.spec.model_dir, self.cfg.decoder, self.cfg.model)
+        return VllmDecoder(self.spec.model_dir, engine=self.engine)
 
     @torch.no_grad()
     def run(self, states: list[dict], part: str) -> None:
+        """Apply ``part`` to every live row, micro-batch by micro-batch. A vLLM engine that dies is restarted
+        once per micro-batch and the micro-batch redone; dying again raises EngineDied (the chunk is then not
+        committed: the actor fails, the job stops, a rerun redoes the chunk)."""
         fn = {"score": self._score, "decode": self._decode, "finish": self._finish}[part]
         for batch in micro_batches(states, self.cfg.compute.batch_size):
-            guarded(fn, batch)
+            try:
+                guarded(fn, batch)
+            except EngineDied as exc:
+                if self.engine is None:
+                    raise
+                print(f"[generate] vLLM engine died ({exc}); restarting it and redoing the batch", flush=True)
+                self.engine.restart()
+                guarded(fn, [s for s in batch if "reject" not in s])
 
     # --- stage 1: two-view scoring ------------------------------------------------------------------
 
@@ -158,7 +198,16 @@ class Worker:
             )
             for i, s in enumerate(batch)
         ]  # replaced below for the rows that fit
-        if fit:
+        if fit and self.vllm_scorer is not None:  # vLLM log-probs: y_w's reference log-probs come from the finisher
+            scored_all = self.vllm_scorer.score(
+                [images[i] for i in fit],
+                [questions[i] for i in fit],
+                [responses[i] for i in fit],
+                ids_of=[batch[i]["id"] for i in fit],
+            )
+            for scored, i in zip(scored_all, fit, strict=True):
+                updates[i] = self._scored_update(batch[i], scored, responses[i], prompt_lens[i])
+        elif fit:
             results = score_batch(
                 self.model,
                 self.processor,

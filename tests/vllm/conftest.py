@@ -64,3 +64,47 @@ def vllm_decoder(vllm_model_dir: Path) -> Iterator[Any]:
     decoder = VllmDecoder(vllm_model_dir, cfg)
     yield decoder
     decoder.close()
+
+
+@pytest.fixture(scope="session")
+def confident_model_dir(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tier's toy model with its LM head scaled ×8: peaked distributions like a trained model's (small
+    plausible sets, real differences between the views); the untrained model is nearly uniform."""
+    import shutil
+
+    import torch
+
+    from hscr_platform.models.loading import ModelConfig, load_vlm
+
+    model, processor = load_vlm(ModelConfig(path=str(vllm_model_dir)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("confident") / "toy"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    shutil.copy(vllm_model_dir / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SynthMed's tiny profile (train / validation / test sample shards), made by its job."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("synthmed") / "data"
+    cmd = [sys.executable, "-m", "jobs.synthmed", "--config", "jobs/configs/synthmed/tiny.yaml", f"output.path={out}"]
+    subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A private local Ray for the jobs of one test module (never another program's cluster)."""
+    import ray
+
+    from hscr_platform.core.runtime import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=2, object_store_mb=256, dashboard=False))
+    yield
+    ray.shutdown()

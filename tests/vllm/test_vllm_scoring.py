@@ -29,26 +29,6 @@ ANSWERS = [
 
 
 @pytest.fixture(scope="module")
-def confident_model_dir(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tier's toy model with its LM head scaled ×8: peaked distributions like a trained model's (small
-    plausible sets), and larger differences between the views; an untrained model is nearly uniform."""
-    import shutil
-
-    import torch
-
-    from hscr_platform.models.loading import ModelConfig, load_vlm
-
-    model, processor = load_vlm(ModelConfig(path=str(vllm_model_dir)))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("confident") / "toy"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    shutil.copy(vllm_model_dir / "generation_config.json", out / "generation_config.json")
-    return out
-
-
-@pytest.fixture(scope="module")
 def rows() -> list[dict[str, Any]]:
     """40 rows: scans with a bright square at different places and sizes, every question with several answers."""
     rng = np.random.default_rng(1)
@@ -124,10 +104,10 @@ def test_vllm_scorer_matches_the_transformers_scorer(confident_model_dir, scorer
 
 
 def test_vllm_scorer_refuses_the_logit_shift(scorer_engine):
-    from hscr_platform.generation.scoring import HscrConfig, ExcludedTokens
+    from hscr_platform.generation.scoring import ExcludedTokens, HscrConfig
     from hscr_platform.generation.vllm_scoring import LOGIT_SHIFT_REFUSED, VllmScorer
 
-    with pytest.raises(ValueError, match="hscr.shift=logprob") as info:
+    with pytest.raises(ValueError, match=r"hscr\.shift=logprob") as info:
         VllmScorer(scorer_engine, None, cfg=replace(HscrConfig(), shift="logit"), top_k=TOP_K,
                    excluded=ExcludedTokens(frozenset(), frozenset()))  # fmt: skip
     assert str(info.value) == LOGIT_SHIFT_REFUSED
