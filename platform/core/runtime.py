@@ -13,6 +13,11 @@ from typing import Any
 from hscr_platform.core.ray_local import TOKEN_FILE, auth_env, write_token
 
 
+# Ray Train V2 patches `print` in its workers to also log through Train's logger; a Ray worker's stdout is already
+# forwarded to the driver, so every worker line appeared twice. Workers print plainly, once.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RayConfig:
     """Where Ray runs. ``address: null`` = the submitting cluster (RAY_ADDRESS) if any, else a new local one."""
@@ -42,10 +47,12 @@ def init_ray(cfg: RayConfig) -> Any:
         return ray
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
         return ray
     use_local_token()
     _refresh_auth_config()
+    for key, value in WORKER_ENV.items():  # a local instance's workers inherit the driver's environment
+        os.environ.setdefault(key, value)
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,
