@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from hscr_platform.core.config import load_config
@@ -112,7 +113,7 @@ def test_evaluate_on_vllm_gives_the_transformers_answers(ray_local, synth_data, 
     assert results["vllm"]["rows"] == 8
     for key in ("closed_accuracy", "open_recall"):
         assert vllm[key] == hf[key], key
-    predictions = {e: read_table(tmp_path / e / "predictions.parquet").to_pylist() for e in results}
+    predictions = {e: pq.read_table(tmp_path / e / "predictions.parquet").to_pylist() for e in results}
     assert [p["prediction"] for p in predictions["vllm"]] == [p["prediction"] for p in predictions["hf"]]
 
 
