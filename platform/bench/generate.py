@@ -200,7 +200,7 @@ class Shape:
         self.plan = plan_chunks(configs[True].data)
         warm = self._read()[: configs[True].compute.batch_size]  # first calls (allocator, pools) not timed
         for name in VARIANTS:
-            self._stages(warm, name, {})
+            self._stages(warm, name)
 
     def _read(self) -> list[dict]:
         import pyarrow as pa
@@ -217,7 +217,7 @@ class Shape:
         self.worker.decoder.reuse_prefix = prefix  # type: ignore[union-attr]
         self.worker.cfg = self.configs[prefix if stage == "finish" else reference]
 
-    def _stages(self, states: list[dict], name: str, timings: dict[str, float]) -> None:
+    def _stages(self, states: list[dict], name: str) -> None:
         for stage in ("score", "decode", "finish"):
             self._set_variant(name, stage)
             self.worker.run(states, stage)
@@ -233,7 +233,7 @@ class Shape:
             t0 = time.perf_counter()
             states = self._read()
             timings["io"] += time.perf_counter() - t0
-            self._stages(states, name, timings)
+            self._stages(states, name)
             t0 = time.perf_counter()
             entry = commit_chunk(out, 0, states)
             timings["io"] += time.perf_counter() - t0
