@@ -54,3 +54,16 @@ def test_sparse_view_takes_the_response_rows_and_checks_their_count():
     assert sparse_view(rows, 2).rows == [{5: -1.0}, {1: -0.5, 2: -2.0}]
     with pytest.raises(ValueError, match="3-token response"):
         sparse_view(rows, 3)
+
+
+def test_the_demo_base_model_keeps_a_head_size_vllm_cpu_runs():
+    """vLLM-CPU's attention takes head sizes 32, 64, 80, ... only (``CPUAttentionBackend``): the demo's toy base
+    model (jobs/configs/sft/demo.yaml) must keep one, or `decoder.engine=vllm` stops working on it."""
+    from pathlib import Path
+
+    from hscr_platform.core.config import load_config
+    from hscr_platform.training.sft import SftJobConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    toy = load_config(SftJobConfig, repo / "jobs/configs/sft/demo.yaml").init.toy
+    assert toy.text_hidden // toy.text_heads in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
