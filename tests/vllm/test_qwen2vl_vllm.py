@@ -64,3 +64,28 @@ def test_vllm_equals_the_transformers_decoder_on_qwen(engines):
         worst = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True))
         assert worst <= LOGPROB_TOL, f"request {i}: log-probs differ by {worst:.2e}"
         assert len(g.logprobs) > 0
+
+
+def test_the_torchvision_free_inputs_equal_transformers_processor(tmp_path):
+    """Where torchvision imports (this tier), transformers' Qwen2VLProcessor loads: the MropeProcessor that the
+    CPU suite uses instead builds the same ids, positions, grids and (to float rounding) pixels."""
+    import torch
+    from tiny_qwen import QUESTIONS, build_tiny_qwen
+
+    from hscr_platform.models.engines.vllm import ensure_torchvision_importable
+    from hscr_platform.models.loading import load_processor, prompt_text
+    from hscr_platform.models.logprobs import encode_prefixes
+    from hscr_platform.models.mrope_processor import MropeProcessor
+
+    ensure_torchvision_importable()
+    folder = build_tiny_qwen(tmp_path / "qwen", "qwen2_vl")
+    real, ours = load_processor(folder), MropeProcessor.from_folder(folder)
+    assert type(real).__name__ == "Qwen2VLProcessor"
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in ((56, 56), (56, 84))]
+    want, got = encode_prefixes(real, images, QUESTIONS), encode_prefixes(ours, images, QUESTIONS)
+    assert sorted(want) == sorted(got)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids"):
+        assert torch.equal(want[key], got[key]), key
+    torch.testing.assert_close(want["pixel_values"], got["pixel_values"], atol=1e-5, rtol=0)
+    assert prompt_text(real, QUESTIONS[0]) == prompt_text(ours, QUESTIONS[0])
