@@ -273,7 +273,7 @@ def convert(cfg: ConvertJobConfig) -> Path:
     from transformers import LlavaProcessor
 
     original = check_original(cfg.source.path, vision_tower=cfg.source.vision_tower)
-    out = _output_folder(cfg.output)
+    out = _check_output(cfg.output)  # created only once the weights are read and mapped
     parts = split_weights(read_weights(original.folder, allow_pickle=cfg.source.allow_pickle, what="source.path"))
     if not parts["tower"]:
         tower = read_weights(original.tower, allow_pickle=cfg.source.allow_pickle, what="source.vision_tower")
@@ -283,6 +283,7 @@ def convert(cfg: ConvertJobConfig) -> Path:
     dtype = next(iter(parts["language_model"].values())).dtype if cfg.output.dtype == "auto" else cfg.output.dtype
     model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=cfg.output.max_shard_size)
     vision = model.config.vision_config
     template = cfg.chat_template if cfg.chat_template != "auto" else DEFAULT_TEMPLATE[original.family]
@@ -297,11 +298,10 @@ def convert(cfg: ConvertJobConfig) -> Path:
     return out
 
 
-def _output_folder(cfg: ConvertOutput) -> Path:
+def _check_output(cfg: ConvertOutput) -> Path:
     out = Path(cfg.path)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise ValueError(f"output.path: {out} is not empty (set output.overwrite=true to replace its files)")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
