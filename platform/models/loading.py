@@ -31,7 +31,7 @@ MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # processor may need torchvision
 ORIGINAL_LLAVA = ("LlavaMistralForCausalLM", "LlavaLlamaForCausalLM")  # the original LLaVA repo's layout
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, SentencePiece, BPE
 
 
 @dataclass(frozen=True, kw_only=True)
