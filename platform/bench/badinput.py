@@ -93,7 +93,9 @@ def write_bad_input(clean: Path, folder: Path, *, fraction: float, seed: int) ->
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_files(clean))
     positions = sorted(rng.choice(np.arange(1, total), size=max(len(KINDS), round(total * fraction)), replace=False))
     kind_at = {int(p): KINDS[k % len(KINDS)] for k, p in enumerate(positions)}
-    ids, bad, pos = [], [], 0
+    ids: list[str] = []
+    bad: list[tuple] = []
+    pos = 0
     folder.mkdir(parents=True, exist_ok=True)
     for path in shard_files(clean):
         table = pq.read_table(path)

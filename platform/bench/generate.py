@@ -214,7 +214,7 @@ class Shape:
         """Prefix reuse lives in the decoder (levels) and in the reference pass (finish); reference reuse in
         what scoring and decoding keep. The job's one switch covers both, so set them per stage here."""
         prefix, reference = VARIANTS[name]
-        self.worker.decoder.reuse_prefix = prefix  # type: ignore[union-attr]
+        self.worker.decoder.reuse_prefix = prefix
         self.worker.cfg = self.configs[prefix if stage == "finish" else reference]
 
     def _stages(self, states: list[dict], name: str) -> None:

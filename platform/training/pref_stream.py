@@ -91,7 +91,7 @@ class _CountingFile(io.FileIO):
         self.counter = counter
         counter.opens += 1
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
         self.counter.bytes += len(data)
         return data
