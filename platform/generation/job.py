@@ -288,9 +288,10 @@ def run(cfg: GenerateJobConfig) -> dict[str, Any]:
     """Generate (or finish generating) the preference data; returns the summary."""
     from hscr_platform.generation.graph import open_output, plan_chunks, summarize
     from hscr_platform.generation.reward_view import write_reward_view
+    from hscr_platform.models.loading import check_vlm_folder
 
     t0 = time.time()
-    model_dir = resolve_model_dir(cfg.model)
+    model_dir = check_vlm_folder(resolve_model_dir(cfg.model))  # a bad folder fails here, before Ray starts
     out = Path(cfg.output.path)
     plan = plan_chunks(cfg.data)
     committed = open_output(out, cfg, plan)
