@@ -38,6 +38,7 @@ UNREADABLE_IMAGE: Final = "unreadable_image"  # not an image PIL can decode, or 
 TRUNCATED_IMAGE: Final = "truncated_image"  # the header is fine but the pixel data ends early
 IMAGE_TOO_LARGE: Final = "image_too_large"  # over max_image_bytes, or over max_image_pixels by its header
 DUPLICATE_ID: Final = "duplicate_id"  # an id already written in this dataset
+IMAGE_OUTSIDE_ROOT: Final = "image_outside_root"  # the image path resolves outside the dataset root
 
 REJECT_REASONS: Final = (
     MISSING_FIELD,
@@ -51,6 +52,7 @@ REJECT_REASONS: Final = (
     TRUNCATED_IMAGE,
     IMAGE_TOO_LARGE,
     DUPLICATE_ID,
+    IMAGE_OUTSIDE_ROOT,
 )
 
 # Columns a sample cannot be written without (the non-nullable text columns of SAMPLE_SCHEMA).

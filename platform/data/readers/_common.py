@@ -16,12 +16,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from hscr_platform.data.samples import BAD_JSON, BAD_VALUE, MISSING_FIELD, RawRow, Reject
+from hscr_platform.data.samples import BAD_JSON, BAD_VALUE, IMAGE_OUTSIDE_ROOT, MISSING_FIELD, RawRow, Reject
 from hscr_platform.data.schema import sample_row
 
 DEFAULT_SPLIT: Final = "train"  # when neither the config nor the data says
 # Reject reason (docs/DATA.md "Reject reasons"): the record's image path resolves outside the dataset root
-IMAGE_OUTSIDE_ROOT: Final = "image_outside_root"
 _SPLIT_ALIASES: Final = {
     "train": "train",
     "training": "train",
