@@ -145,11 +145,12 @@ def run(cfg: BadInputBenchConfig) -> dict[str, Any]:
     overrides = [f"data.input={inputs}", f"model.path={model}", f"output.path={out}",
                  f"data.chunk_rows={cfg.chunk_rows}", "compute.batch_size=16", "tracking.enabled=false",
                  *cfg.generate]  # fmt: skip
-    first = runs.run_job("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides, log=work / "first.log",
-                         kill_when=_killer(out, cfg.kill_at))  # fmt: skip
+    first = runs.run_job_retrying("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides,
+                                  log=work / "first.log", kill_when=_killer(out, cfg.kill_at))  # fmt: skip
     runs.check_job(first, "jobs.generate (first run)")
     at_kill = runs.committed_chunks(out)
-    second = runs.run_job("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides, log=work / "resume.log")
+    second = runs.run_job_retrying("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides,
+                                   log=work / "resume.log")  # fmt: skip
     runs.check_job(second, "jobs.generate (resumed run)")
     summary = runs.generation_summary(out)
     _, rejects = runs.output_ids(out)

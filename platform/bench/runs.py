@@ -76,6 +76,7 @@ class JobRun:
     processes: dict[str, float]  # "<role> pid=<pid>" -> peak MiB
     killed: bool
     log: str
+    attempts: int = 1
 
 
 def run_job(module: str, config: str, overrides: Sequence[str], *, log: Path, interval: float = 1.0,
@@ -103,6 +104,25 @@ def run_job(module: str, config: str, overrides: Sequence[str], *, log: Path, in
                 proc.wait()
     return JobRun(round(time.perf_counter() - t0, 2), proc.returncode, tree.by_role(), dict(tree.peaks), killed,
                   str(log))  # fmt: skip
+
+
+RAY_START_TIMEOUT = "timed out during startup"  # Ray's own 30 s limit, hit on an overloaded machine
+
+
+def run_job_retrying(module: str, config: str, overrides: Sequence[str], *, log: Path, interval: float = 1.0,
+                     retries: int = 2, kill_when: Callable[[], bool] | None = None) -> JobRun:  # fmt: skip
+    """:func:`run_job`, rerun (the jobs resume) when only Ray's start-up timed out; the seconds of every
+    attempt add up, the peaks are the largest of any attempt, and ``attempts`` says how many there were."""
+    total, peaks, processes = 0.0, dict[str, float](), dict[str, float]()
+    for attempt in range(retries + 1):
+        job = run_job(module, config, overrides, log=log.with_suffix(f".{attempt}.log") if attempt else log,
+                      interval=interval, kill_when=kill_when)  # fmt: skip
+        total += job.seconds
+        peaks = {k: max(v, peaks.get(k, 0.0)) for k, v in {**peaks, **job.peaks}.items()}
+        processes.update(job.processes)
+        if job.returncode == 0 or job.killed or RAY_START_TIMEOUT not in Path(job.log).read_text()[-5000:]:
+            break
+    return JobRun(round(total, 2), job.returncode, peaks, processes, job.killed, job.log, attempt + 1)
 
 
 def check_job(job: JobRun, what: str) -> None:

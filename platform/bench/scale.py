@@ -48,8 +48,8 @@ def _generate(cfg: ScaleBenchConfig, samples: Path, model: Path, out: Path, logs
     overrides = [f"data.input={samples}", f"model.path={model}", f"output.path={out}",
                  f"data.chunk_rows={cfg.chunk_rows}", "compute.batch_size=16", "tracking.enabled=false",
                  *cfg.generate]  # fmt: skip
-    job = runs.run_job("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides, log=logs / "generate.log",
-                       interval=cfg.sample_interval)  # fmt: skip
+    job = runs.run_job_retrying("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides,
+                                log=logs / "generate.log", interval=cfg.sample_interval)  # fmt: skip
     runs.check_job(job, "jobs.generate")
     return job
 
@@ -60,8 +60,8 @@ def _train(cfg: ScaleBenchConfig, prefs: Path, model: Path, root: Path, logs: Pa
                  "schedule.log_every=50", "batch.micro_batch_size=8", "batch.grad_accum=1",
                  "batch.global_batch_size=16", "data.shuffle_window=256", "tracking.enabled=false",
                  *cfg.train]  # fmt: skip
-    job = runs.run_job("jobs.train", "jobs/configs/train/tiny.yaml", overrides, log=logs / "train.log",
-                       interval=cfg.sample_interval)  # fmt: skip
+    job = runs.run_job_retrying("jobs.train", "jobs/configs/train/tiny.yaml", overrides, log=logs / "train.log",
+                                interval=cfg.sample_interval)  # fmt: skip
     runs.check_job(job, "jobs.train")
     done = root / "train" / "scale" / "summary.json"
     return job, json.loads(done.read_text()) if done.is_file() else {}
@@ -110,9 +110,9 @@ def run_size(cfg: ScaleBenchConfig, n: int, model_spec: ToyModelConfig) -> dict[
     peaks = {f"generate/{k}": v for k, v in gen.peaks.items()} | {f"train/{k}": v for k, v in train.peaks.items()}
     result = {
         "rows": n, "exactly_once": check["exactly_once"], "output": check,
-        "generate": {"seconds": gen.seconds, "rows_per_s": round(n / gen.seconds, 2),
+        "generate": {"seconds": gen.seconds, "rows_per_s": round(n / gen.seconds, 2), "attempts": gen.attempts,
                      "job_summary_seconds": runs.generation_summary(out).get("seconds")},
-        "train": {"seconds": train.seconds, "steps": summary.get("steps"),
+        "train": {"seconds": train.seconds, "steps": summary.get("steps"), "attempts": train.attempts,
                   "rows_per_s": round(check["preferences"] / train.seconds, 2),
                   "final_examples_per_s": summary.get("final", {}).get("examples_per_s")},
         "rows_per_s": round(n / total, 2),
