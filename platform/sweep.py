@@ -5,7 +5,9 @@ dotted overrides into a ``TrainJobConfig`` and runs the training job (which fits
 trains, the trainer's live metrics reach Tune, and ASHA stops trials whose ``rewards/accuracies`` lag; a trial
 that finishes is scored on the validation split (closed accuracy by default), and that score picks the best
 config, written out as a YAML that ``jobs.train`` accepts as is. MLflow: one parent run for the sweep, the
-trials' training runs as its children. A failing trial is recorded and does not end the sweep.
+trials' training runs as its children. A failing trial is recorded and does not end the sweep. Trials run as
+many at a time as the cluster holds with every trial's Train workers placed (at most max_concurrent_trials); a
+trial that could never be placed stops the sweep before it starts (``concurrent_trials``).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class Dimension:
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     num_samples: int = 4  # trials
-    max_concurrent_trials: int = 1  # each trial's Ray Train workers need their CPUs: 1 on a 2-CPU machine
+    max_concurrent_trials: int = 1  # lowered (with a message) to what the cluster holds, workers placed
     seed: int = 0
-    trial_cpus: float = 0.25  # the trial's own driver (the Ray Train workers request their own)
+    # the trial's own driver (its Train workers hold their own); 0: it only waits (2 × 1-CPU workers on 2 CPUs)
+    trial_cpus: float = 0.0
+    placement_timeout_s: float = 600.0  # a trial whose workers' CPUs / GPUs are not free by then fails
     asha_metric: str = "rewards/accuracies"  # reported by the trainer every schedule.log_every steps
     asha_grace_period: int = 2  # reports before ASHA may stop a trial
     asha_reduction_factor: int = 2
@@ -58,6 +62,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ValueError("num_samples and max_concurrent_trials must be >= 1")
+        if self.trial_cpus < 0 or self.placement_timeout_s <= 0:
+            raise ValueError("trial_cpus must be >= 0 and placement_timeout_s > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +161,63 @@ def _vector_sampler(scalar: Any, size: int) -> Any:
     return draw
 
 
+# --- resources: what one trial holds, how many fit ------------------------------------------------------
+
+TRIAL_MEMORY_BYTES = 64 * 2**20  # a token reservation, so a trial that holds no CPU still has a resource request
+
+
+def worker_resources(train: Any) -> dict[str, float]:
+    """What a trial's Ray Train workers hold together: num_workers × (cpus_per_worker, 1 GPU if use_gpu)."""
+    workers = train.workers
+    need = {"CPU": workers.num_workers * workers.cpus_per_worker}
+    if workers.use_gpu:
+        need["GPU"] = float(workers.num_workers)
+    return need
+
+
+def trial_resources(cfg: SweepJobConfig, train: Any) -> dict[str, float]:
+    """Everything one running trial holds: its own driver (``search.trial_cpus``) plus its Train workers."""
+    need = worker_resources(train)
+    need["CPU"] += cfg.search.trial_cpus
+    return need
+
+
+def concurrent_trials(cfg: SweepJobConfig, train: Any, cluster: dict[str, float]) -> int:
+    """How many trials run at once: ``search.max_concurrent_trials``, lowered to what ``cluster`` holds with
+    every running trial's workers placed. Raises ValueError when not even one trial fits: its Train workers
+    could never start, and Ray Train would retry their start-up forever."""
+    need = trial_resources(cfg, train)
+    fits = min(int(cluster.get(k, 0.0) / v + 1e-9) if v else 10**9 for k, v in need.items())
+    if fits < 1:
+        shape = (f"search.trial_cpus {cfg.search.trial_cpus} + workers.num_workers {train.workers.num_workers}"
+                 f" × workers.cpus_per_worker {train.workers.cpus_per_worker}")  # fmt: skip
+        have = {k: cluster.get(k, 0.0) for k in need}
+        raise ValueError(
+            f"a sweep trial needs {need} ({shape}) but the Ray cluster has {have}: its Train "
+            "workers could never start. Lower search.trial_cpus (0 works) or the workers' CPUs."
+        )
+    return min(cfg.search.max_concurrent_trials, fits)
+
+
+def wait_for_workers(need: dict[str, float], *, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Block until ``need`` is free in the cluster, or raise TimeoutError naming it: a trial fails instead of
+    its trainer retrying the worker-group start-up without end."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+            return
+        if time.monotonic() >= deadline:
+            have = {k: round(free.get(k, 0.0), 3) for k in need}
+            raise TimeoutError(f"the trial's Train workers need {need}, free after {timeout_s:.0f} s: {have} "
+                               "(search.placement_timeout_s)")  # fmt: skip
+        time.sleep(poll_s)
+
+
 # --- one trial ------------------------------------------------------------------------------------------
 
 
@@ -186,6 +249,7 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
     from hscr_platform.training.job import run as train_run
 
     base = train_config(sweep, params)
+    wait_for_workers(worker_resources(base), timeout_s=sweep.search.placement_timeout_s)
     name = f"{sweep.name}-trial-{config_hash(base)}"
     tracking = dataclasses.replace(sweep.tracking, parent_run_id=parent_run_id)
     output = dataclasses.replace(base.output, root=str(Path(sweep.output_root).resolve()), name=name)
@@ -201,7 +265,7 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
 # --- the driver -----------------------------------------------------------------------------------------
 
 
-def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None) -> Any:
+def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None, concurrent: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -209,13 +273,13 @@ def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None) -> Any:
     trainable = tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
     search = cfg.search
     return tune.Tuner(
-        tune.with_resources(trainable, {"CPU": search.trial_cpus}),
+        tune.with_resources(trainable, {"CPU": search.trial_cpus, "memory": TRIAL_MEMORY_BYTES}),
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
             num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent_trials,
             reuse_actors=False,  # a stopped trial's actor must die: its Ray Train workers go with it
-            search_alg=BasicVariantGenerator(random_state=search.seed),
+            # the limit lives in the generator: Tune ignores max_concurrent_trials beside a BasicVariantGenerator
+            search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent),
             scheduler=ASHAScheduler(
                 metric=search.asha_metric,
                 mode="max",
@@ -229,16 +293,18 @@ def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None) -> Any:
 
 
 def trial_rows(results: Any, cfg: SweepJobConfig) -> list[dict[str, Any]]:
-    """One row per trial: the sampled values, the validation score, and how it ended."""
+    """One row per trial: the sampled values, the validation score, how it ended, and when it ran (epoch s)."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
         score = metrics.get("val_score")
         status = "error" if result.error else ("finished" if score is not None else "stopped early")
         params = {d.key: (result.config or {}).get(d.key) for d in cfg.space}
+        end, seconds = metrics.get("timestamp"), metrics.get("time_total_s")  # its last report; time it ran
         rows.append({"params": params, "val_score": score, "status": status,
                      "error": str(result.error)[-500:] if result.error else None,
-                     "trial_name": metrics.get("trial_name")})  # fmt: skip
+                     "trial_name": metrics.get("trial_name"),
+                     "window": [end - seconds, end] if end and seconds else None})  # fmt: skip
     return rows
 
 
@@ -279,7 +345,8 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
     log_config(parent, cfg)
     print(f"[sweep] mlflow parent run {parent.run_id} ({uri})", flush=True)
     init_ray(cfg.ray)
-    rows = trial_rows(_tuner(cfg, out, parent.run_id).fit(), cfg)
+    concurrent = _concurrency(cfg, parent)
+    rows = trial_rows(_tuner(cfg, out, parent.run_id, concurrent).fit(), cfg)
     best = best_row(rows)
     table = _markdown(rows, cfg.objective.metric)
     (out / "trials.md").write_text(table + "\n")
@@ -296,6 +363,25 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
     print(f"[sweep] best {cfg.objective.metric}: {best and best['val_score']}; config: {out / 'best.yaml'}")
     print(f"[sweep] train it: python -m jobs.train --config {out / 'best.yaml'}")
     return {"out": str(out), "parent_run_id": parent.run_id, "best": best, "trials": rows}
+
+
+def _concurrency(cfg: SweepJobConfig, parent: Any) -> int:
+    """Trials at a time for this cluster (a trial that can never be placed ends the sweep here, clearly)."""
+    import ray
+
+    from hscr_platform.core.tracking import end_run
+
+    train = train_config(cfg, {d.key: _midpoint(d) for d in cfg.space})
+    try:
+        concurrent = concurrent_trials(cfg, train, ray.cluster_resources())
+    except ValueError:
+        end_run(parent, "FAILED")
+        raise
+    need = trial_resources(cfg, train)
+    note = "" if concurrent == cfg.search.max_concurrent_trials else \
+        f" (max_concurrent_trials {cfg.search.max_concurrent_trials} lowered: that many never fit at once)"  # fmt: skip
+    print(f"[sweep] {concurrent} trial(s) at a time, each holding {need}{note}", flush=True)
+    return concurrent
 
 
 def _client_metric(run: Any, key: str, value: float) -> None:

@@ -1,5 +1,6 @@
-"""A 4-trial Ray Tune sweep of tiny multi-level DPO runs: MLflow parent + children, a best config that
-jobs.train accepts; a bad search space fails before any Ray work."""
+"""A 4-trial Ray Tune sweep of tiny multi-level DPO runs, 2 at a time: MLflow parent + children, a best config
+that jobs.train accepts; a bad search space fails before any Ray work. At the demo's resource shape (2 whole-CPU
+workers per trial on 2 CPUs) trials run one at a time and finish; a trial that can never be placed fails at once."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def inputs(tiny_model_dir, tmp_path_factory):
     return root, shards, synth / "validation"
 
 
-def _sweep(root: Path, shards: Path, validation: Path, tiny_model_dir: Path, *extra: str):
-    overrides = f'train_overrides=["loss.weights=custom", "schedule.max_steps=4", "schedule.log_every=1", ' \
-                f'"data.path={shards}", "policy.path={tiny_model_dir}"]'  # fmt: skip
+def _sweep(root: Path, shards: Path, validation: Path, tiny_model_dir: Path, *extra: str, steps: int = 4,
+           train_extra: str = ""):  # fmt: skip
+    overrides = f'train_overrides=["loss.weights=custom", "schedule.max_steps={steps}", "schedule.log_every=1", ' \
+                f'"data.path={shards}", "policy.path={tiny_model_dir}"{train_extra}]'  # fmt: skip
     cmd = [sys.executable, "-m", "jobs.sweep", "--config", "jobs/configs/sweep/tiny.yaml", overrides,
            f"objective.validation={validation}", f"output_root={root}", *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
@@ -52,6 +54,72 @@ def test_four_trials_with_scores_and_a_best_config(swept):
     assert len({json.dumps(r["params"]) for r in rows}) == 4  # random search: four different points
     assert any(r["status"] == "finished" for r in rows)
     assert "best closed_accuracy" in proc.stdout
+
+
+def _overlap(rows: list[dict]) -> bool:
+    """Whether any two trials ran at the same time (their [start, end] windows intersect)."""
+    latest_end = float("-inf")
+    for start, end in sorted(r["window"] for r in rows if r["window"]):
+        if start < latest_end:
+            return True
+        latest_end = max(latest_end, end)
+    return False
+
+
+def test_two_trials_run_at_once_when_two_fit(swept):
+    _, out, proc = swept
+    assert "[sweep] 2 trial(s) at a time" in proc.stdout  # 2 × (2 workers × 0.5 CPU) on 2 CPUs
+    rows = json.loads((out / "trials.json").read_text())
+    assert _overlap(rows), [r["window"] for r in rows]
+    assert "max_concurrent_trials` will be ignored" not in proc.stdout + proc.stderr
+
+
+def test_demo_resource_shape_runs_one_trial_at_a_time_and_finishes(inputs, tiny_model_dir):
+    """2 whole-CPU workers per trial on a 2-CPU Ray: 2 concurrent trials were asked, 1 fits."""
+    root, shards, validation = inputs
+    proc = _sweep(root / "demo-shape", shards, validation, tiny_model_dir, "search.num_samples=2",
+                  "search.max_concurrent_trials=2", "objective.samples=8", steps=2,
+                  train_extra=', "workers.cpus_per_worker=1.0"')  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "[sweep] 1 trial(s) at a time" in proc.stdout and "lowered" in proc.stdout
+    (out,) = (root / "demo-shape" / "sweep").iterdir()
+    rows = json.loads((out / "trials.json").read_text())
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert not _overlap(rows)
+    assert "worker group startup timed out" not in proc.stdout + proc.stderr
+
+
+def test_a_trial_that_can_never_be_placed_fails_at_once(inputs, tiny_model_dir):
+    root, shards, validation = inputs
+    proc = _sweep(root / "too-big", shards, validation, tiny_model_dir,
+                  train_extra=', "workers.cpus_per_worker=1.5"')  # fmt: skip
+    assert proc.returncode == 2
+    assert "could never start" in proc.stderr and "workers.cpus_per_worker 1.5" in proc.stderr
+    assert not (root / "too-big" / "sweep").exists() or not list((root / "too-big" / "sweep").rglob("trials.json"))
+
+
+def test_concurrency_is_what_the_cluster_holds():
+    """Pure arithmetic: a trial holds trial_cpus + num_workers × cpus_per_worker (+ 1 GPU per worker)."""
+    from types import SimpleNamespace
+
+    from hscr_platform.sweep import concurrent_trials
+
+    def sweep(trial_cpus: float, asked: int) -> SimpleNamespace:
+        return SimpleNamespace(search=SimpleNamespace(trial_cpus=trial_cpus, max_concurrent_trials=asked))
+
+    def train(cpus: float, use_gpu: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(workers=SimpleNamespace(num_workers=2, cpus_per_worker=cpus, use_gpu=use_gpu))
+
+    two_cpus = {"CPU": 2.0}
+    assert concurrent_trials(sweep(0.0, 4), train(0.5), two_cpus) == 2  # 1 CPU a trial
+    assert concurrent_trials(sweep(0.0, 4), train(1.0), two_cpus) == 1  # the demo: 2 whole-CPU workers
+    assert concurrent_trials(sweep(0.0, 1), train(0.5), two_cpus) == 1  # never more than asked
+    with pytest.raises(ValueError, match=r"needs \{'CPU': 2.25\}.*could never start"):
+        concurrent_trials(sweep(0.25, 1), train(1.0), two_cpus)  # the hang of issue 9: 0.25 + 2 × 1 > 2
+    gpus = {"CPU": 64.0, "GPU": 8.0}
+    assert concurrent_trials(sweep(1.0, 4), train(8.0, use_gpu=True), gpus) == 3  # 17 CPUs, 2 GPUs a trial
+    with pytest.raises(ValueError, match="GPU"):
+        concurrent_trials(sweep(1.0, 4), train(8.0, use_gpu=True), {"CPU": 64.0})
 
 
 def test_best_config_loads_as_a_train_config(swept):
