@@ -31,6 +31,7 @@ from hscr_platform.core.config import save_config
 from hscr_platform.core.io import shard_files
 from hscr_platform.data.schema import PREFERENCE_SCHEMA, REJECT_SCHEMA
 from hscr_platform.generation.job import GenDataConfig, GenerateJobConfig, generation_hash
+from hscr_platform.generation.summary import by_question_type, merge_by_question_type
 
 if TYPE_CHECKING:  # the worker module (models, engines) is imported by the actors only
     from hscr_platform.generation.worker import WorkerSpec
@@ -314,35 +315,6 @@ def commit_chunk(out: Path, index: int, states: Sequence[dict]) -> dict[str, Any
     }
     _write_json(out / "_manifest" / f"chunk-{index:05d}.json", entry)
     return entry
-
-
-def by_question_type(states: Sequence[dict]) -> dict[str, dict[str, Any]]:
-    """Per input question type: rows, preference rows, and the histogram of their number of levels (1 + k)."""
-    out: dict[str, dict[str, Any]] = {}
-    for state in states:
-        entry = out.setdefault(str(state.get("question_type") or "unknown"), {"rows": 0, "preferences": 0,
-                                                                             "num_levels": {}})  # fmt: skip
-        entry["rows"] += 1
-        if "preference" in state:
-            entry["preferences"] += 1
-            levels = str(state["preference"]["num_levels"])
-            entry["num_levels"][levels] = entry["num_levels"].get(levels, 0) + 1
-    return out
-
-
-def merge_by_question_type(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The chunks' per-type counts added up, with each type's preference yield (preferences / rows)."""
-    rows: Counter[str] = Counter()
-    prefs: Counter[str] = Counter()
-    levels: dict[str, Counter[str]] = {}
-    for entry in entries:
-        for qtype, counts in entry.get("by_question_type", {}).items():
-            rows[qtype] += counts["rows"]
-            prefs[qtype] += counts["preferences"]
-            levels.setdefault(qtype, Counter()).update(counts["num_levels"])
-    return {qtype: {"rows": rows[qtype], "preferences": prefs[qtype],
-                    "yield": round(prefs[qtype] / rows[qtype], 4) if rows[qtype] else 0.0,
-                    "num_levels": dict(sorted(levels[qtype].items()))} for qtype in sorted(rows)}  # fmt: skip
 
 
 def committed_chunks(out: Path) -> set[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hscr_platform.generation.graph import by_question_type, merge_by_question_type
+from hscr_platform.generation.summary import by_question_type, merge_by_question_type
 
 
 def _pref(levels: int) -> dict:
