@@ -276,8 +276,9 @@ def test_launcher_starts_every_node_with_token_auth_from_a_file_outside_git():
 
 
 def test_nothing_turns_ray_auth_off():
-    off = "RAY_AUTH_MODE" + "=disabled"  # split so this file does not match itself
-    quoted = '"RAY_AUTH_MODE": "' + 'disabled"'
+    value = "disabled"  # the opt-out value, kept on its own line so this file does not match itself
+    mode = "RAY_AUTH_MODE"
+    off, quoted = f"{mode}={value}", f'"{mode}": "{value}"'
     hits = []
     for top in ("platform", "jobs", "tests", "cluster", "docs", "scripts", "README.md", "Makefile"):
         root = REPO / top

@@ -47,7 +47,8 @@ def test_start_command_sets_every_port_the_temp_dir_and_no_stats():
 def test_head_env_turns_token_auth_on_with_its_own_token_and_puts_the_venv_first(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "someone-elses")  # would take precedence over the token file
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    opt_out = "disabled"  # a shell's opt-out must not reach the head
+    monkeypatch.setenv("RAY_AUTH_MODE", opt_out)
     env = ray_local._head_env("/some/venv/bin/ray", Path("/tmp/r/auth_token"))
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == "/tmp/r/auth_token"
     assert "RAY_AUTH_TOKEN" not in env and "RAY_ADDRESS" not in env
