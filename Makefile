@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm test-gpu lint format bench ship clean
+.PHONY: setup install demo test test-main test-unit test-integration setup-vllm test-vllm test-gpu lint format bench ship clean test-slow
 
 setup: $(VENV)/.project
 
@@ -41,7 +41,7 @@ demo: setup
 test: test-main test-vllm
 
 test-main: setup
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
@@ -54,7 +54,13 @@ setup-vllm:
 	bash scripts/setup_vllm_cpu.sh
 
 test-vllm: setup-vllm
-	.venv-vllm/bin/python -m pytest -q -ra tests/vllm tests/unit/test_engines_vllm_import.py $(PYTEST_ARGS)
+	.venv-vllm/bin/python -m pytest -q -ra -m "not slow" tests/vllm tests/unit/test_engines_vllm_import.py $(PYTEST_ARGS)
+
+# whole multi-stage runs, minutes each (kept out of make test for CI's time): the seeded ablation on the tiny
+# world, the scale / bad-input benchmarks at CI size, the tiny pipeline on vLLM
+test-slow: setup setup-vllm
+	$(BIN)/python -m pytest -q -ra -m slow tests/integration $(PYTEST_ARGS)
+	.venv-vllm/bin/python -m pytest -q -ra -m slow tests/vllm $(PYTEST_ARGS)
 
 # the GPU tier (tests/gpu; skipped without a CUDA device): run it with an environment holding CUDA torch and the
 # GPU vllm (pip install -e '.[gpu]'), e.g. GPU_PY=/opt/venv/bin/python make test-gpu; -s prints its numbers

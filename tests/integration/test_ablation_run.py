@@ -15,7 +15,7 @@ from hscr_platform.core.config import load_config
 from hscr_platform.pipeline import PipelineConfig, plan, run_ablation_test, run_inputs, run_selection
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_tiny_ablation_selects_on_validation_and_reports_over_seeds(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from hscr_platform.core.config import load_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_scale_run_reports_memory_throughput_and_exactly_once(tmp_path):
