@@ -1,8 +1,10 @@
 """Multi-level DPO on Ray Train + DeepSpeed, 2 CPU workers, the tiny toy model, shards built here.
 
 One local Ray instance serves the module. The shards hold 40 toy rows (every 5th with a stale reference
-fingerprint, so the reference runs for it) after 3 bad rows; the order is not shuffled, so the first
-micro-batch of worker 0 is all bad rows (a masked filler keeps both workers stepping together).
+fingerprint, so the reference runs for it) and 3 bad rows at epoch positions 0, 5 and 10. The order is not
+shuffled; with 43 rows, global batch G = 8 and L = 5 steps per epoch, step s takes position 5·j + s of each slot
+j (pref_stream), so step 0 holds all 3 bad rows and the first micro-batch of worker 0 (slots 0 and 1) is all bad
+(a masked filler keeps both workers stepping together).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def shards(toy_rows, tmp_path_factory):
         {**good, "id": "bad-lengths", "responses": good["responses"][:2]},
         {**good, "id": "bad-image", "image": b"not an image"},
     ]  # fmt: skip
-    return write_preference_shards(bad + toy_rows, tmp_path_factory.mktemp("pref"), rows_per_shard=16)
+    rows = list(toy_rows)
+    for position, row in zip((0, 5, 10), bad, strict=True):
+        rows.insert(position, row)
+    return write_preference_shards(rows, tmp_path_factory.mktemp("pref"), rows_per_shard=16)
 
 
 def _cfg(tiny_model_dir, shards, root, *overrides: str):
@@ -92,9 +97,10 @@ def test_stop_then_resume_finishes_the_configured_steps(zero2_resumed):
     assert first["stopped"]["stopped_at"] == 2 and first["stopped"]["checkpoint"].endswith("checkpoint_000002")
     assert first["status"] == "KILLED" and len(first["losses"]) == 2
     assert summary["steps"] == STEPS
-    # every bad row counted by reason; 6 stale rows fall in the 32 positions the 4 steps cover
+    # every bad row counted by reason; the 4 steps cover positions p < 40 with p mod 5 != 4, where all 8 stale
+    # rows sit (toy rows 0, 5, .., 35 at positions 1, 7, 13, 18, 23, 28, 33, 38)
     assert summary["counts"] == {"skipped/too_few_responses": 1, "skipped/length_mismatch": 1,
-                                 "skipped/bad_image": 1, "ref_recomputed/stale": 6}  # fmt: skip
+                                 "skipped/bad_image": 1, "ref_recomputed/stale": 8}  # fmt: skip
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(zero2_resumed):
@@ -142,11 +148,11 @@ def test_lora_nan_loss_stops_at_the_last_good_checkpoint(ray_local, tiny_model_d
     from hscr_platform.training.toy_prefs import write_preference_shards
 
     rows = [dict(r) for r in toy_rows]
-    rows[9]["ref_logps"] = [float("nan")] * len(rows[9]["ref_logps"])  # position 9: step 1
+    rows[6]["ref_logps"] = [float("nan")] * len(rows[6]["ref_logps"])  # position 6 = slot 1, step 1 (L = 5)
     shards = write_preference_shards(rows, tmp_path / "pref")
     cfg = _cfg(tiny_model_dir, shards, tmp_path, "output.name=nan", "policy.lora.enabled=true",
                "schedule.checkpoint_every=1")  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"non-finite loss at step 1.*toy-1-9.*checkpoint_000001"):
+    with pytest.raises(RuntimeError, match=r"non-finite loss at step 1.*toy-1-6.*checkpoint_000001"):
         run(cfg)
     client = _mlflow(tmp_path)
     (tracked,) = client.search_runs([client.get_experiment_by_name("hscr-train-tiny").experiment_id])
