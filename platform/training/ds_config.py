@@ -71,6 +71,21 @@ def deepspeed_config(
     }
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling (and initialising) its CPU shared-memory all-reduce op.
+
+    DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` on the CPU accelerator when its op probe says the
+    op is compatible, although only ``inference_all_reduce`` uses it: training's collectives go through
+    torch.distributed (gloo here). The build costs a minute of both cores, and it is redone whenever a job finds
+    another ninja on its PATH (the venv's and the system's write incompatible build logs), so jobs rebuilt it
+    again and again. The op probe itself runs compiler subprocesses (~9 s per worker). Its one consumer reads
+    ``deepspeed.ops.__compatible_ops__.get(name, False)``, so an empty table turns the op off and skips the probe.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
+
+
 def build_engine(model: Any, ds_config: dict[str, Any]) -> Any:
     """A DeepSpeed engine over the trainable parameters (torch.distributed is already set up by Ray Train)."""
     import logging
@@ -78,6 +93,7 @@ def build_engine(model: Any, ds_config: dict[str, Any]) -> Any:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    skip_shm_comm_op()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine

@@ -204,6 +204,22 @@ def test_deepspeed_config_matches_the_batch_plan(monkeypatch):
     assert worker_env()["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
 
 
+def test_engine_setup_turns_off_deepspeeds_cpu_shm_op_without_probing(monkeypatch):
+    """Training never uses DeepSpeed's shared-memory all-reduce; building it cost a minute per job."""
+    import importlib
+
+    import deepspeed.ops
+
+    from hscr_platform.training.ds_config import skip_shm_comm_op
+
+    monkeypatch.delitem(deepspeed.ops.__dict__, "__compatible_ops__", raising=False)
+    probes = []
+    monkeypatch.setattr(deepspeed.ops, "_probe_compatible_ops", lambda: probes.append(1) or {})
+    skip_shm_comm_op()
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # the module (deepspeed.comm re-exports torch)
+    assert ds_torch.build_shm_op() is None and not probes  # no compiler probe, no JIT build
+
+
 # --- one training step without Ray: the NaN stop, and the export --------------------------------------------
 
 
