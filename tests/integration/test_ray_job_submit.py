@@ -131,6 +131,8 @@ def test_submitted_job_runs_the_uploaded_checkout_with_the_installed_package(hea
     assert seen["offline"] == "1" and seen["omp"] == "PASSIVE", "env_vars of cluster/runtime_env.yaml"
 
 
+@pytest.mark.slow  # the whole tiny pipeline again (~4 min on 2 cores): make test-slow; make test keeps the
+# token, upload and shipped-wheel submissions above, and tests/integration/test_pipeline.py runs the pipeline itself
 def test_tiny_pipeline_submitted_as_a_ray_job_succeeds(head, tmp_path):
     root = tmp_path / "runs"  # absolute: the job's cwd is the uploaded copy of the repository
     t0 = time.monotonic()

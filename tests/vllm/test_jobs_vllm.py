@@ -72,7 +72,8 @@ def transformers_rows(ray_local, synth_data, confident_model_dir, tmp_path_facto
     [
         ("compute.layout=vllm", "scorer.engine=vllm", "decoder.engine=vllm"),
         ("compute.layout=split", "decoder.engine=vllm", *(f"compute.{p}.cpus=0.3" for p in ("scorer", "decoder"))),
-        ("compute.layout=fused", "scorer.engine=vllm", "decoder.engine=vllm"),
+        # the fused layout with both engines on vLLM: the same engine code as the vllm layout (make test-slow)
+        pytest.param(("compute.layout=fused", "scorer.engine=vllm", "decoder.engine=vllm"), marks=pytest.mark.slow),
     ],
     ids=["vllm-layout", "split-vllm-decoder", "fused-vllm-both"],
 )
