@@ -232,15 +232,36 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def levels_table(generation: dict[str, Any]) -> list[str]:
+    """Markdown: per input question type, rows, preference rows, yield and rows with 1, 2, 3, ... levels."""
+    per_type = generation.get("by_question_type") or {}
+    if not per_type:
+        return []
+    most = max((int(k) for t in per_type.values() for k in t["num_levels"]), default=1)
+    head = ["question type", "rows", "preferences", "yield", *(f"{k} level{'s' * (k > 1)}" for k in range(1, most + 1))]
+    lines = ["## Preference data: levels per question type", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    for qtype, t in per_type.items():
+        counts = [str(t["num_levels"].get(str(k), 0)) for k in range(1, most + 1)]
+        lines.append(f"| {qtype} | {t['rows']} | {t['preferences']} | {t['yield']:.3f} | " + " | ".join(counts) + " |")
+    return [*lines, ""]
+
+
+ABLATION_HINT = ("- the seeded ablation (plain DPO, explicit only, implicit only, HSCR, HSCR + NLL; chosen on "
+                 "validation, 3 seeds, test read once): `python -m jobs.pipeline --config "
+                 "jobs/configs/pipeline/ablation.yaml` (README: Ablation, for its time)")  # fmt: skip
+
+
 def write_report(cfg: PipelineConfig, stages: Plan, results: dict[str, Any], seconds: float) -> Path:
-    """<root>/report.md: the comparison table, the verdict, and where every output is."""
+    """<root>/report.md: the comparison table, the verdict, the levels of the data, and where every output is."""
     evaluate_out = Path(stages.evaluate.output.path)
     table = (evaluate_out / "table.md").read_text() if (evaluate_out / "table.md").is_file() else "(no table)"
     lines = ["# HSCR pipeline report", "", *verdict(results.get("evaluate", {})), "", table, "",
+             *levels_table(results.get("generate") or {}),
              f"- SynthMed: {stages.synthmed_dir}", f"- base model: {stages.base_model}",
              f"- preferences: {stages.generate.output.path} (reward view: reward_view.html there)",
              f"- evaluation: {evaluate_out}", f"- wall time: {seconds:.0f} s",
-             f"- MLflow: `mlflow ui --backend-store-uri {_uri(cfg)}`"]  # fmt: skip
+             f"- MLflow: `mlflow ui --backend-store-uri {_uri(cfg)}`", ABLATION_HINT]  # fmt: skip
     path = Path(cfg.root) / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -63,6 +63,7 @@ def test_stages_write_their_outputs(first_run):
     assert set(evaluation["results"]) == {"base", "hscr", "dpo"}
     report = (root / "report.md").read_text()
     assert "| metric | base | hscr | dpo |" in report and "mlflow ui --backend-store-uri sqlite:///" in report
+    assert "| question type | rows | preferences | yield | 1 level" in report and "ablation.yaml" in report
     assert (root / "mlflow.db").is_file() and "# HSCR pipeline report" in proc.stdout
 
 
