@@ -255,9 +255,13 @@ def answer_all(
     return {m: {v: [got[(s, i, v)][f"answer:{m}"] for s, i in wanted] for v in views} for m in models}
 
 
-def passes(cfg: EvaluateJobConfig, models: dict[str, str]) -> list[dict[str, str]]:
-    """The models answered together in each Ray Data pass: all at once, or one after the other."""
-    return [models] if cfg.actors.models_together else [{name: path} for name, path in models.items()]
+def passes(cfg: EvaluateJobConfig, models: dict[str, str], cpus: float) -> list[dict[str, str]]:
+    """The models answered together in each Ray Data pass: as many at once as the cluster's ``cpus`` can place
+    (every model's actor pool holds its CPUs for the whole pass: 7 pools of 0.75 CPU on 2 CPUs never started),
+    or one after the other."""
+    names = list(models)
+    size = max(1, int(cpus // (cfg.actors.num_actors * cfg.actors.cpus_per_actor))) if cfg.actors.models_together else 1
+    return [{n: models[n] for n in names[k : k + size]} for k in range(0, len(names), size)]
 
 
 # --- scoring, report, tracking -------------------------------------------------------------------------
@@ -329,8 +333,10 @@ def evaluate(cfg: EvaluateJobConfig, test: TestSet, models: dict[str, str], out:
     results: dict[str, dict[str, Any]] = {}
     blanked: dict[str, dict[str, Any]] = {}
     init_ray(cfg.ray)
+    import ray
+
     with PredictionWriter(out / "predictions.parquet") as writer:
-        for group in passes(cfg, models):
+        for group in passes(cfg, models, float(ray.cluster_resources().get("CPU", 0.0))):
             t0 = time.time()
             answers = answer_all(cfg, test, group, views)
             seconds, count = time.time() - t0, len(views) * len(test.rows) * len(group)

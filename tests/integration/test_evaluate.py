@@ -129,6 +129,12 @@ def test_non_vlm_model_exits_2_before_ray(tmp_path, synth_test, tiny_model_dir, 
 
 def test_passes_group_models_as_configured(two_models):
     cfg = load_config(EvaluateJobConfig, TINY, [_models_override(two_models)])
-    assert [list(g) for g in passes(cfg, cfg.models)] == [["base", "aligned"]]
+    assert [list(g) for g in passes(cfg, cfg.models, cpus=2.0)] == [["base", "aligned"]]
     one_by_one = load_config(EvaluateJobConfig, TINY, [_models_override(two_models), "actors.models_together=false"])
-    assert [list(g) for g in passes(one_by_one, one_by_one.models)] == [["base"], ["aligned"]]
+    assert [list(g) for g in passes(one_by_one, one_by_one.models, cpus=2.0)] == [["base"], ["aligned"]]
+    # together, as many pools as the CPUs place: 7 models of 0.75 CPU on 2 CPUs -> 2, 2, 2, 1 (all 7 at once hung)
+    seven = load_config(EvaluateJobConfig, TINY, [
+        "models={" + ", ".join(f"m{i}: '{two_models['base']}'" for i in range(7)) + "}",
+        "actors.models_together=true", "actors.num_actors=1", "actors.cpus_per_actor=0.75"])  # fmt: skip
+    assert [len(g) for g in passes(seven, seven.models, cpus=2.0)] == [2, 2, 2, 1]
+    assert [len(g) for g in passes(seven, seven.models, cpus=0.5)] == [1] * 7  # never an empty pass
