@@ -71,14 +71,26 @@ class PeakRss(_Sampler):
 
 def ray_role(cmdline: Sequence[str]) -> str:
     """What a process of a local Ray run is, from its command line: the name Ray gives an actor or worker
-    process (``ray::<ClassName>``, ``ray::<task>``, ``ray::IDLE``), else a Ray system process or 'other'."""
+    process (``ray::<ClassName>``, ``ray::<task>``, ``ray::IDLE``; the ``.<method>`` it is running right now is
+    dropped, so one actor keeps one name), else a Ray system process or 'other'."""
     text = " ".join(cmdline)
     if cmdline and cmdline[0].startswith("ray::"):
-        return cmdline[0].split(" ")[0]
+        return _without_method(cmdline[0].split(" ")[0])
     for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
         if name in text:
             return f"system:{name}"
     return "other"
+
+
+def _without_method(title: str) -> str:
+    """``ray::MapWorker(MapBatches(X)).submit`` -> ``ray::MapWorker(MapBatches(X))``: cut at the first dot
+    outside parentheses after the ``ray::`` prefix."""
+    depth = 0
+    for i, ch in enumerate(title[5:], start=5):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "." and depth == 0:
+            return title[:i]
+    return title
 
 
 class ProcessTreeRss(_Sampler):
@@ -97,7 +109,7 @@ class ProcessTreeRss(_Sampler):
 
         self.interval, self.role_of = interval, role_of
         self.me = psutil.Process(root)
-        self.peaks: dict[str, float] = {}
+        self.pid_peaks: dict[int, float] = {}
         self.roles: dict[int, str] = {}
 
     def sample(self) -> None:
@@ -113,15 +125,19 @@ class ProcessTreeRss(_Sampler):
                 role = "driver" if proc.pid == self.me.pid else self.role_of(proc.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            if role.startswith("ray::") or role == "driver":  # a Ray process renames itself once it has a job
-                self.roles[proc.pid] = role if role != "ray::IDLE" else self.roles.get(proc.pid, role)
-            key = f"{self.roles.get(proc.pid, role)} pid={proc.pid}"
-            self.peaks[key] = round(max(self.peaks.get(key, 0.0), rss), 1)
+            # a Ray worker starts as ray::IDLE and renames itself once it has an actor or task: keep the name
+            if role != "ray::IDLE" or proc.pid not in self.roles:
+                self.roles[proc.pid] = role
+            self.pid_peaks[proc.pid] = round(max(self.pid_peaks.get(proc.pid, 0.0), rss), 1)
+
+    @property
+    def peaks(self) -> dict[str, float]:
+        """``"<role> pid=<pid>"`` -> peak MiB, one entry per process, under the last name it had."""
+        return {f"{self.roles[pid]} pid={pid}": peak for pid, peak in self.pid_peaks.items()}
 
     def by_role(self) -> dict[str, float]:
         """The largest peak per role (driver, each actor class, each task name, system processes)."""
         out: dict[str, float] = {}
-        for key, peak in self.peaks.items():
-            role = key.rsplit(" pid=", 1)[0]
-            out[role] = max(out.get(role, 0.0), peak)
+        for pid, peak in self.pid_peaks.items():
+            out[self.roles[pid]] = max(out.get(self.roles[pid], 0.0), peak)
         return dict(sorted(out.items()))

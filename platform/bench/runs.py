@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +77,55 @@ class JobRun:
     killed: bool
     log: str
     attempts: int = 1
+    progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, units done) on change
+
+
+def steady_rate(progress: Sequence[tuple[float, int]]) -> float | None:
+    """Units per second between the first and the last progress mark: the rate once the job is running, its
+    start-up (Ray, model load) and shutdown left out. None with fewer than two marks."""
+    if len(progress) < 2 or progress[-1][0] <= progress[0][0]:
+        return None
+    (t0, n0), (t1, n1) = progress[0], progress[-1]
+    return round((n1 - n0) / (t1 - t0), 2)
+
+
+def file_lines(path: Path) -> Callable[[], int]:
+    """A progress counter: the lines of a file a job appends to (0 while it does not exist), reading only
+    the bytes added since the last call."""
+    state = {"offset": 0, "lines": 0}
+
+    def count() -> int:
+        try:
+            with path.open("rb") as fh:
+                fh.seek(state["offset"])
+                added = fh.read()
+        except FileNotFoundError:
+            return 0
+        state["offset"] += len(added)
+        state["lines"] += added.count(b"\n")
+        return state["lines"]
+
+    return count
 
 
 def run_job(module: str, config: str, overrides: Sequence[str], *, log: Path, interval: float = 1.0,
-            kill_when: Callable[[], bool] | None = None, timeout: float = 6 * 3600) -> JobRun:  # fmt: skip
+            kill_when: Callable[[], bool] | None = None, progress: Callable[[], int] | None = None,
+            timeout: float = 6 * 3600) -> JobRun:  # fmt: skip
     """Run ``python -m <module> --config <config> <overrides>`` in its own session, sampling the RSS of it
-    and of every descendant; ``kill_when()`` true -> SIGKILL the whole session once (a killed driver)."""
+    and of every descendant; ``kill_when()`` true -> SIGKILL the whole session once (a killed driver);
+    ``progress()`` (units done so far) is polled with it and its changes are kept with their times."""
     cmd = [sys.executable, "-m", module, "--config", config, *overrides]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    killed, t0 = False, time.perf_counter()
+    killed, t0, marks = False, time.perf_counter(), list[tuple[float, int]]()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             with ProcessTreeRss(root=proc.pid, interval=interval) as tree:
                 while proc.poll() is None:
+                    done = progress() if progress is not None else None
+                    if done is not None and done > 0 and (not marks or done != marks[-1][1]):
+                        marks.append((round(time.perf_counter() - t0, 2), done))
                     if kill_when is not None and not killed and kill_when():
                         os.killpg(proc.pid, signal.SIGKILL)
                         killed = True
@@ -103,26 +137,28 @@ def run_job(module: str, config: str, overrides: Sequence[str], *, log: Path, in
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return JobRun(round(time.perf_counter() - t0, 2), proc.returncode, tree.by_role(), dict(tree.peaks), killed,
-                  str(log))  # fmt: skip
+                  str(log), progress=marks)  # fmt: skip
 
 
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's own 30 s limit, hit on an overloaded machine
 
 
 def run_job_retrying(module: str, config: str, overrides: Sequence[str], *, log: Path, interval: float = 1.0,
-                     retries: int = 2, kill_when: Callable[[], bool] | None = None) -> JobRun:  # fmt: skip
+                     retries: int = 2, kill_when: Callable[[], bool] | None = None,
+                     progress: Callable[[], int] | None = None) -> JobRun:  # fmt: skip
     """:func:`run_job`, rerun (the jobs resume) when only Ray's start-up timed out; the seconds of every
     attempt add up, the peaks are the largest of any attempt, and ``attempts`` says how many there were."""
-    total, peaks, processes = 0.0, dict[str, float](), dict[str, float]()
+    total, peaks, processes, marks = 0.0, dict[str, float](), dict[str, float](), list[tuple[float, int]]()
     for attempt in range(retries + 1):
         job = run_job(module, config, overrides, log=log.with_suffix(f".{attempt}.log") if attempt else log,
-                      interval=interval, kill_when=kill_when)  # fmt: skip
+                      interval=interval, kill_when=kill_when, progress=progress)  # fmt: skip
+        marks += [(total + t, n) for t, n in job.progress]
         total += job.seconds
         peaks = {k: max(v, peaks.get(k, 0.0)) for k, v in {**peaks, **job.peaks}.items()}
         processes.update(job.processes)
         if job.returncode == 0 or job.killed or RAY_START_TIMEOUT not in Path(job.log).read_text()[-5000:]:
             break
-    return JobRun(round(total, 2), job.returncode, peaks, processes, job.killed, job.log, attempt + 1)
+    return JobRun(round(total, 2), job.returncode, peaks, processes, job.killed, job.log, attempt + 1, marks)
 
 
 def check_job(job: JobRun, what: str) -> None:

@@ -7,10 +7,13 @@ own process with its own private local Ray; the RSS of the job's driver and of e
 processes, actors, Train workers, named by Ray's ``ray::<name>`` process titles) is sampled every
 ``sample_interval`` s while it runs. Reported per size: wall seconds and rows/s of each job and end to end, the
 peak RSS per role, exactly-once of the generation output, the training steps, and bytes of preference data.
-Across sizes: ``rss_ratio`` = the largest run's peak RSS over the smallest run's, for the role where that ratio is
-worst (every role's ratio is in ``rss_ratio_by_role``); ``throughput_ratio`` = end-to-end rows/s of the largest
-run over the smallest's; ``exactly_once`` = every size's output had every input id exactly once. A PNG plots
-peak RSS against rows per role. The data and outputs stay under ``workdir`` unless ``keep=false``.
+Across sizes: ``rss_ratio`` = the largest run's peak RSS over the smallest run's, for the job's own process (a
+driver, actor or worker) where that ratio is worst (every role's ratio, Ray's daemons included, is in
+``rss_ratio_by_role``); ``throughput_ratio`` = end-to-end rows/s of the largest run over the smallest's, and
+``steady_throughput_ratio`` the same once the jobs run (between their first and last progress marks: committed
+generation chunks, training steps), since Ray's and the model's start-up weigh on a small run only;
+``exactly_once`` = every size's output had every input id exactly once. A PNG plots peak RSS against rows per
+role. The data and outputs stay under ``workdir`` unless ``keep=false``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 from hscr_platform.bench import runs
 from hscr_platform.models.toy import ToyModelConfig
+
+GLOBAL_BATCH = 16  # training's global batch in the scale run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +54,8 @@ def _generate(cfg: ScaleBenchConfig, samples: Path, model: Path, out: Path, logs
                  f"data.chunk_rows={cfg.chunk_rows}", "compute.batch_size=16", "tracking.enabled=false",
                  *cfg.generate]  # fmt: skip
     job = runs.run_job_retrying("jobs.generate", "jobs/configs/generate/tiny.yaml", overrides,
-                                log=logs / "generate.log", interval=cfg.sample_interval)  # fmt: skip
+                                log=logs / "generate.log", interval=cfg.sample_interval,
+                                progress=lambda: runs.committed_chunks(out) * cfg.chunk_rows)  # fmt: skip
     runs.check_job(job, "jobs.generate")
     return job
 
@@ -58,10 +64,11 @@ def _train(cfg: ScaleBenchConfig, prefs: Path, model: Path, root: Path, logs: Pa
     overrides = [f"data.path={prefs}", f"policy.path={model}", f"output.root={root}", "output.name=scale",
                  "schedule.epochs=1", "schedule.max_steps=null", "schedule.checkpoint_every=1000000",
                  "schedule.log_every=50", "batch.micro_batch_size=8", "batch.grad_accum=1",
-                 "batch.global_batch_size=16", "data.shuffle_window=256", "tracking.enabled=false",
+                 f"batch.global_batch_size={GLOBAL_BATCH}", "data.shuffle_window=256", "tracking.enabled=false",
                  *cfg.train]  # fmt: skip
+    steps = runs.file_lines(root / "train" / "scale" / "metrics.jsonl")  # one line per optimizer step
     job = runs.run_job_retrying("jobs.train", "jobs/configs/train/tiny.yaml", overrides, log=logs / "train.log",
-                                interval=cfg.sample_interval)  # fmt: skip
+                                interval=cfg.sample_interval, progress=lambda: steps() * GLOBAL_BATCH)  # fmt: skip
     runs.check_job(job, "jobs.train")
     done = root / "train" / "scale" / "summary.json"
     return job, json.loads(done.read_text()) if done.is_file() else {}
@@ -107,15 +114,19 @@ def run_size(cfg: ScaleBenchConfig, n: int, model_spec: ToyModelConfig) -> dict[
     check = runs.exactly_once(out, input_ids)
     train, summary = _train(cfg, out / "preferences", model, base, logs)
     total = gen.seconds + train.seconds
+    gen_steady, train_steady = runs.steady_rate(gen.progress), runs.steady_rate(train.progress)
+    steady = 1 / (1 / gen_steady + 1 / train_steady) if gen_steady and train_steady else None
     peaks = {f"generate/{k}": v for k, v in gen.peaks.items()} | {f"train/{k}": v for k, v in train.peaks.items()}
     result = {
         "rows": n, "exactly_once": check["exactly_once"], "output": check,
         "generate": {"seconds": gen.seconds, "rows_per_s": round(n / gen.seconds, 2), "attempts": gen.attempts,
-                     "job_summary_seconds": runs.generation_summary(out).get("seconds")},
+                     "job_summary_seconds": runs.generation_summary(out).get("seconds"),
+                     "steady_rows_per_s": gen_steady},
         "train": {"seconds": train.seconds, "steps": summary.get("steps"), "attempts": train.attempts,
                   "rows_per_s": round(check["preferences"] / train.seconds, 2),
-                  "final_examples_per_s": summary.get("final", {}).get("examples_per_s")},
+                  "steady_rows_per_s": train_steady},
         "rows_per_s": round(n / total, 2),
+        "steady_rows_per_s": round(steady, 2) if steady else None,
         "peak_rss_mib": peaks,
         "processes": {"generate": gen.processes, "train": train.processes},
         "bytes": {"samples": _bytes(samples), "preferences": _bytes(out / "preferences")},
@@ -126,16 +137,28 @@ def run_size(cfg: ScaleBenchConfig, n: int, model_spec: ToyModelConfig) -> dict[
     return result
 
 
+def job_roles(peaks: dict[str, float]) -> list[str]:
+    """The roles the run itself owns: each job's driver and its Ray actors and workers (``ray::*``), not Ray's
+    own daemons (``system:*``) or short helper processes (``other``)."""
+    return [r for r in peaks if r.split("/", 1)[1] == "driver" or r.split("/", 1)[1].startswith("ray::")]
+
+
 def compare(sizes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Largest size over smallest: RSS per role (the worst is ``rss_ratio``) and end-to-end rows/s."""
+    """Largest size over smallest: peak RSS per role (``rss_ratio``: the worst of the job's own processes,
+    the driver, actors and workers; Ray's daemons are in ``rss_ratio_by_role`` too) and rows/s, end to end
+    (``throughput_ratio``) and once running (``steady_throughput_ratio``: start-up and shutdown left out)."""
     small, large = min(sizes, key=lambda s: s["rows"]), max(sizes, key=lambda s: s["rows"])
     roles = sorted(set(small["peak_rss_mib"]) & set(large["peak_rss_mib"]))
     by_role = {r: round(large["peak_rss_mib"][r] / small["peak_rss_mib"][r], 3) for r in roles}
-    worst = max(by_role, key=lambda r: by_role[r]) if by_role else None
+    own = job_roles(by_role)
+    worst = max(own, key=lambda r: by_role[r]) if own else None
+    steady = (round(large["steady_rows_per_s"] / small["steady_rows_per_s"], 3)
+              if large.get("steady_rows_per_s") and small.get("steady_rows_per_s") else None)  # fmt: skip
     return {
         "rss_ratio": by_role[worst] if worst else None,
         "rss_ratio_role": worst,
         "throughput_ratio": round(large["rows_per_s"] / small["rows_per_s"], 3),
+        "steady_throughput_ratio": steady,
         "exactly_once": all(s["exactly_once"] for s in sizes),
         "rss_ratio_by_role": by_role,
     }
@@ -163,9 +186,12 @@ def plot(sizes: list[dict[str, Any]], path: Path) -> Path:
 
 def run(cfg: ScaleBenchConfig) -> dict[str, Any]:
     """Every size in order; the JSON ``jobs.benchmark`` prints (the PNG goes next to the workdir's JSON)."""
-    sizes = [run_size(cfg, n, cfg.model) for n in sorted(cfg.rows)]
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    sizes: list[dict[str, Any]] = []
+    for n in sorted(cfg.rows):
+        sizes.append(run_size(cfg, n, cfg.model))
+        (workdir / "sizes-so-far.json").write_text(json.dumps(sizes, indent=2))  # kept if a later size fails
     png = plot(sizes, workdir / "memory_vs_rows.png")
     return {"benchmark": "scale", **compare(sizes), "plot": str(png), "sizes": sizes,
             "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},

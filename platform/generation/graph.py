@@ -77,25 +77,58 @@ def plan_chunks(cfg: GenDataConfig) -> ChunkPlan:
     if not files:
         raise FileNotFoundError(f"data.input: no sample shards (part-*.parquet) in {cfg.input}")
     chunks: list[Chunk] = []
-    seen: set[bytes | None] = set()
     total = 0
     digest = hashlib.sha256()
-    for path in files:
-        ids = _ids(path)
-        if cfg.max_rows is not None:
-            ids = ids[: max(0, cfg.max_rows - total)]
-        digest.update(f"{path.name}:{path.stat().st_size}:{len(ids)};".encode())
-        dup = []
-        for offset, rid in enumerate(ids):
-            if rid is not None and rid in seen:
-                dup.append(offset)
-            seen.add(rid)
-        for start in range(0, len(ids), cfg.chunk_rows):
-            stop = min(start + cfg.chunk_rows, len(ids))
-            inside = tuple(o - start for o in dup if start <= o < stop)
-            chunks.append(Chunk(len(chunks), str(path.resolve()), start, stop, total + start, inside))
-        total += len(ids)
+    with IdSet() as seen:
+        for path in files:
+            ids = _ids(path)
+            if cfg.max_rows is not None:
+                ids = ids[: max(0, cfg.max_rows - total)]
+            digest.update(f"{path.name}:{path.stat().st_size}:{len(ids)};".encode())
+            dup = seen.add_all(ids)
+            chunks += _cut(path, ids, dup, cfg.chunk_rows, first_index=len(chunks), first_row=total)
+            total += len(ids)
     return ChunkPlan(chunks, total, digest.hexdigest()[:16])
+
+
+def _cut(path: Path, ids: list[Any], dup: list[int], chunk_rows: int, *, first_index: int,
+         first_row: int) -> list[Chunk]:  # fmt: skip
+    """One shard's chunks of at most ``chunk_rows`` rows, each with the offsets of its repeated ids."""
+    chunks = []
+    for start in range(0, len(ids), chunk_rows):
+        stop = min(start + chunk_rows, len(ids))
+        inside = tuple(o - start for o in dup if start <= o < stop)
+        chunks.append(Chunk(first_index + len(chunks), str(path.resolve()), start, stop, first_row + start, inside))
+    return chunks
+
+
+class IdSet:
+    """The ids seen so far, kept on disk (a temporary SQLite table) so the driver's memory does not grow with
+    the number of input rows; ``add_all(ids)`` returns the offsets whose id was seen before (earlier in the
+    same list included). ``None`` ids (an input with no id column) are never duplicates."""
+
+    def __enter__(self) -> IdSet:
+        import sqlite3
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="hscr-ids-")
+        self._db = sqlite3.connect(Path(self._dir.name) / "ids.sqlite")
+        self._db.execute("CREATE TABLE seen (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def add_all(self, ids: list[bytes | None]) -> list[int]:
+        dup = []
+        with self._db:  # one transaction per list
+            for offset, rid in enumerate(ids):
+                if rid is None:
+                    continue
+                if self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (rid,)).rowcount == 0:
+                    dup.append(offset)
+        return dup
 
 
 def chunk_descriptor(chunk: Chunk) -> dict[str, Any]:

@@ -19,7 +19,8 @@ def test_spread_and_ratio_of_medians():
 
 def test_ray_processes_are_named_by_their_title():
     assert ray_role(["ray::MapWorker(MapBatches(FusedActor))"]) == "ray::MapWorker(MapBatches(FusedActor))"
-    assert ray_role(["ray::RayTrainWorker.train_fn extra"]) == "ray::RayTrainWorker.train_fn"
+    assert ray_role(["ray::MapWorker(MapBatches(FusedActor)).submit"]) == "ray::MapWorker(MapBatches(FusedActor))"
+    assert ray_role(["ray::RayTrainWorker.train_fn extra"]) == "ray::RayTrainWorker"  # the method is dropped
     assert ray_role(["/x/ray/core/src/ray/raylet/raylet", "--flag"]) == "system:raylet"
     assert ray_role(["python", "-c", "pass"]) == "other"
 
@@ -31,3 +32,19 @@ def test_a_childs_peak_rss_is_sampled_while_it_runs():
         subprocess.run([sys.executable, "-c", code], check=True)
     roles = tree.by_role()
     assert roles["other"] >= 150 and roles["driver"] > 0
+
+
+def test_a_process_that_renames_itself_is_one_entry_under_its_last_real_name():
+    """Ray workers start as ray::IDLE, then take an actor's name; going idle again keeps that name."""
+    names = iter(["ray::IDLE", "ray::Scorer", "ray::IDLE"])
+    last = {"name": "ray::IDLE"}
+
+    def role_of(cmdline):
+        last["name"] = next(names, last["name"])
+        return last["name"]
+
+    with ProcessTreeRss(role_of, interval=0.05) as tree:
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.0)"], check=True)
+    child = [key for key in tree.peaks if key != f"driver pid={tree.me.pid}"]
+    assert len(child) == 1 and child[0].startswith("ray::Scorer pid=")
+    assert set(tree.by_role()) == {"driver", "ray::Scorer"}
