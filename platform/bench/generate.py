@@ -190,7 +190,7 @@ class Shape:
     """One worker (models loaded once, untimed), its input rows, and a timed pass per variant."""
 
     def __init__(self, configs: dict[bool, Any], model_dir: Path):
-        from hscr_platform.generation.graph import plan_chunks
+        from hscr_platform.generation.plan import plan_chunks
         from hscr_platform.generation.worker import Worker, WorkerSpec
 
         self.configs = configs  # reuse flag -> the job config with decoder.reuse_prefix set to it
@@ -205,7 +205,8 @@ class Shape:
     def _read(self) -> list[dict]:
         import pyarrow as pa
 
-        from hscr_platform.generation.graph import chunk_descriptor, read_chunk_batch, unpack
+        from hscr_platform.generation.graph import read_chunk_batch, unpack
+        from hscr_platform.generation.plan import chunk_descriptor
 
         descriptors = pa.Table.from_pylist([chunk_descriptor(c) for c in self.plan.chunks])
         return unpack(read_chunk_batch(descriptors, data=self.configs[True].data))

@@ -12,7 +12,6 @@ from typing import Any
 
 from hscr_platform.core.ray_local import TOKEN_FILE, auth_env, write_token
 
-
 # Ray Train V2 patches `print` in its workers to also log through Train's logger; a Ray worker's stdout is already
 # forwarded to the driver, so every worker line appeared twice. Workers print plainly, once.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -286,7 +286,8 @@ def _track(cfg: GenerateJobConfig, out: Path, summary: dict[str, Any]) -> None:
 
 def run(cfg: GenerateJobConfig) -> dict[str, Any]:
     """Generate (or finish generating) the preference data; returns the summary."""
-    from hscr_platform.generation.graph import open_output, plan_chunks, summarize
+    from hscr_platform.generation.graph import open_output, summarize
+    from hscr_platform.generation.plan import plan_chunks
     from hscr_platform.generation.reward_view import write_reward_view
     from hscr_platform.models.loading import check_vlm_folder
 

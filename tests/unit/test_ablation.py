@@ -61,7 +61,7 @@ def test_bad_ablation_configs_fail_at_load():
         AblationConfig(methods=("dpo",), rounds=2)
     with pytest.raises(ValueError, match="distinct"):
         AblationConfig(seeds=(0, 0))
-    with pytest.raises(ConfigError, match="ablation.methods"):
+    with pytest.raises(ConfigError, match=r"ablation\.methods"):
         load_config(PipelineConfig, REPO / "jobs/configs/pipeline/ablation.yaml", ["ablation.methods=[ppo]"])
 
 

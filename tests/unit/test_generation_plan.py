@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hscr_platform.generation.graph import IdSet, plan_chunks
 from hscr_platform.generation.job import GenDataConfig
+from hscr_platform.generation.plan import IdSet, plan_chunks
 
 
 def _shard(folder: Path, name: str, ids: list[str]) -> None:

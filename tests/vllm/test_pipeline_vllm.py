@@ -20,7 +20,11 @@ from hscr_platform.core.io import read_table
 
 REPO = Path(__file__).resolve().parents[2]
 _SPEC = importlib.util.find_spec("vllm")
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.skipif(_SPEC is None or _SPEC.origin is None, reason="needs vllm")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.vllm,
+    pytest.mark.skipif(_SPEC is None or _SPEC.origin is None, reason="needs vllm"),
+]
 
 OVERRIDES = (
     "overrides={"
