@@ -89,10 +89,12 @@ def steady_rate(progress: Sequence[tuple[float, int]]) -> float | None:
     return round((n1 - n0) / (t1 - t0), 2)
 
 
-def file_lines(path: Path) -> Callable[[], int]:
-    """A progress counter: the lines of a file a job appends to (0 while it does not exist), reading only
-    the bytes added since the last call."""
-    state = {"offset": 0, "lines": 0}
+def last_number(path: Path, pattern: str) -> Callable[[], int]:
+    """A progress counter: the number in the last match of ``pattern`` (one regex group) in a log a job
+    writes to (0 before the first), reading only the bytes added since the last call."""
+    import re
+
+    regex, state = re.compile(pattern.encode()), {"offset": 0, "value": 0}
 
     def count() -> int:
         try:
@@ -101,9 +103,12 @@ def file_lines(path: Path) -> Callable[[], int]:
                 added = fh.read()
         except FileNotFoundError:
             return 0
-        state["offset"] += len(added)
-        state["lines"] += added.count(b"\n")
-        return state["lines"]
+        cut = added.rfind(b"\n") + 1  # whole lines only; a partial last line is read again next time
+        state["offset"] += cut
+        found = regex.findall(added[:cut])
+        if found:
+            state["value"] = int(found[-1])
+        return state["value"]
 
     return count
 

@@ -63,10 +63,10 @@ def _generate(cfg: ScaleBenchConfig, samples: Path, model: Path, out: Path, logs
 def _train(cfg: ScaleBenchConfig, prefs: Path, model: Path, root: Path, logs: Path) -> tuple[runs.JobRun, dict]:
     overrides = [f"data.path={prefs}", f"policy.path={model}", f"output.root={root}", "output.name=scale",
                  "schedule.epochs=1", "schedule.max_steps=null", "schedule.checkpoint_every=1000000",
-                 "schedule.log_every=50", "batch.micro_batch_size=8", "batch.grad_accum=1",
+                 "schedule.log_every=25", "batch.micro_batch_size=8", "batch.grad_accum=1",
                  f"batch.global_batch_size={GLOBAL_BATCH}", "data.shuffle_window=256", "tracking.enabled=false",
                  *cfg.train]  # fmt: skip
-    steps = runs.file_lines(root / "train" / "scale" / "metrics.jsonl")  # one line per optimizer step
+    steps = runs.last_number(logs / "train.log", r"\[train\] step (\d+)/")  # printed every log_every steps
     job = runs.run_job_retrying("jobs.train", "jobs/configs/train/tiny.yaml", overrides, log=logs / "train.log",
                                 interval=cfg.sample_interval, progress=lambda: steps() * GLOBAL_BATCH)  # fmt: skip
     runs.check_job(job, "jobs.train")
