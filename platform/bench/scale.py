@@ -165,19 +165,25 @@ def compare(sizes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(sizes: list[dict[str, Any]], path: Path) -> Path:
-    """Peak RSS against rows, one line per process role."""
+    """Peak RSS against rows, one panel per job, one line per process the job owns (driver, actors, workers;
+    Ray's daemons are in the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    roles = sorted({r for s in sizes for r in s["peak_rss_mib"] if not r.split("/", 1)[1].startswith("system:")})
-    for role in roles:
-        points = [(s["rows"], s["peak_rss_mib"][role]) for s in sizes if role in s["peak_rss_mib"]]
-        ax.plot(*zip(*points, strict=True), marker="o", label=role)
-    ax.set(xlabel="rows", ylabel="peak RSS (MiB)", title="peak RSS per process against rows")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), sharey=True)
+    for ax, job in zip(axes, ("generate", "train"), strict=True):
+        roles = sorted({r for s in sizes for r in job_roles(s["peak_rss_mib"]) if r.startswith(f"{job}/")})
+        for k, role in enumerate(roles):
+            points = [(s["rows"], s["peak_rss_mib"][role]) for s in sizes if role in s["peak_rss_mib"]]
+            ax.plot(*zip(*points, strict=True), marker="o", linestyle=("-", "--", ":")[k // 10],
+                    label=role.split("/", 1)[1])  # fmt: skip
+        ax.set(xlabel="rows", title=f"jobs.{job}")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylabel("peak RSS (MiB)")
+    fig.suptitle("peak RSS per process against rows")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -21,13 +21,14 @@ class ShardWriter:
     add shards after the ones already there without overwriting them.
     """
 
-    def __init__(self, folder: str | Path, schema: pa.Schema, *, rows_per_shard: int = 2048, start_index: int = 0):
+    def __init__(self, folder: str | Path, schema: pa.Schema, *, rows_per_shard: int = 2048, start_index: int = 0,
+                 row_group_size: int | None = None):  # fmt: skip
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.schema = schema
-        self.rows_per_shard = rows_per_shard
+        self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
         self.next_index = start_index
         self.rows_written = 0
         self._buffer: list[dict[str, Any]] = []
@@ -47,7 +48,7 @@ class ShardWriter:
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
         final = self.folder / f"part-{self.next_index:05d}.parquet"
         tmp = final.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=self.row_group_size)
         tmp.replace(final)  # atomic: a killed job never leaves a half-written shard under the final name
         self.next_index += 1
         self.rows_written += len(self._buffer)

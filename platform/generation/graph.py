@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hscr_platform.core.config import save_config
-from hscr_platform.data.schema import PREFERENCE_SCHEMA, REJECT_SCHEMA
+from hscr_platform.data.schema import PREFERENCE_ROW_GROUP, PREFERENCE_SCHEMA, REJECT_SCHEMA
 from hscr_platform.generation.job import GenDataConfig, GenerateJobConfig, generation_hash
 from hscr_platform.generation.plan import ChunkPlan, chunk_descriptor
 from hscr_platform.generation.summary import by_question_type, merge_by_question_type
@@ -242,7 +242,7 @@ def commit_chunk(out: Path, index: int, states: Sequence[dict]) -> dict[str, Any
     ):
         if rows:
             table = pa.Table.from_pylist(rows, schema=schema)
-            _write_atomic(out / folder / name, partial(pq.write_table, table))
+            _write_atomic(out / folder / name, partial(pq.write_table, table, row_group_size=PREFERENCE_ROW_GROUP))
     entry = {
         "chunk": index,
         "rows": len(ordered),

@@ -102,17 +102,26 @@ class _CountingFile(io.FileIO):
         return n
 
 
-def _read_windows(path: str, bounds: list[tuple[int, int]], first: int, counter: ReadCounter | None
+def _read_windows(path: str, bounds: list[tuple[int, int]], first: int, last: int, counter: ReadCounter | None
                   ) -> Iterator[pa.Table]:  # fmt: skip
-    """Windows ``bounds[first:]`` of a file as pyarrow tables (the rows before them are read and dropped)."""
+    """Windows ``bounds[first:last + 1]`` of a file as pyarrow tables, reading only the row groups that hold
+    them (the rows of the first group before them are read and dropped)."""
     with _CountingFile(path, counter or ReadCounter()) as source, pq.ParquetFile(source) as parquet:
-        batches = parquet.iter_batches(batch_size=bounds[0][1] - bounds[0][0], columns=COLUMNS)
+        meta = parquet.metadata
+        group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        begin, end = bounds[first][0], bounds[last][1]
+        groups = range(int(np.searchsorted(group_starts, begin, side="right")) - 1,
+                       int(np.searchsorted(group_starts, end, side="left")))  # fmt: skip
+        batches = parquet.iter_batches(batch_size=bounds[0][1] - bounds[0][0], columns=COLUMNS,
+                                       row_groups=list(groups))  # fmt: skip
         pending: pa.Table | None = None
-        for k, (start, stop) in enumerate(bounds):
+        skip = begin - int(group_starts[groups[0]])
+        windows = [(begin - skip, begin)] * bool(skip) + bounds[first : last + 1]  # + the group's rows before
+        for k, (start, stop) in enumerate(windows):
             while pending is None or pending.num_rows < stop - start:
                 more = pa.Table.from_batches([next(batches)])
                 pending = more if pending is None else pa.concat_tables([pending, more])
-            if k >= first:
+            if k or not skip:
                 yield pending.slice(0, stop - start)
             pending = pending.slice(stop - start)
 
@@ -129,9 +138,10 @@ def iter_positions(layout: Layout, cfg: PrefDataConfig, *, epoch: int, seed: int
             continue
         bounds = _windows(n_file, cfg.shuffle_window)
         first = next(k for k, (_, hi) in enumerate(bounds) if pos + hi > start)
+        last = max(k for k, (lo, _) in enumerate(bounds) if pos + lo < stop)
         pos += bounds[first][0]
-        for (lo, hi), table in zip(bounds[first:], _read_windows(layout.files[f], bounds, first, counter),
-                                   strict=False):  # fmt: skip
+        for (lo, hi), table in zip(bounds[first : last + 1], _read_windows(layout.files[f], bounds, first, last,
+                                                                            counter), strict=True):  # fmt: skip
             n = hi - lo
             order = _rng(seed, epoch, f, lo).permutation(n) if cfg.shuffle else np.arange(n)
             wanted = [i for i in range(n) if start <= pos + i < stop]

@@ -79,8 +79,9 @@ def toy_preference_rows(model_dir: str | Path, n_rows: int, *, seed: int = 0, le
 
 def write_preference_shards(rows: Sequence[dict], folder: str | Path, *, rows_per_shard: int = 64) -> Path:
     from hscr_platform.core.io import ShardWriter
-    from hscr_platform.data.schema import PREFERENCE_SCHEMA
+    from hscr_platform.data.schema import PREFERENCE_ROW_GROUP, PREFERENCE_SCHEMA
 
-    with ShardWriter(folder, PREFERENCE_SCHEMA, rows_per_shard=rows_per_shard) as writer:
+    with ShardWriter(folder, PREFERENCE_SCHEMA, rows_per_shard=rows_per_shard,
+                     row_group_size=PREFERENCE_ROW_GROUP) as writer:  # fmt: skip
         writer.write_many({name: row.get(name) for name in PREFERENCE_SCHEMA.names} for row in rows)
     return Path(folder)

@@ -216,3 +216,34 @@ def test_each_worker_reads_about_its_share_of_the_bytes(big_shards, world):
     for counter in counters:
         assert counter.bytes <= 1.25 * alone.bytes / world  # a slot boundary inside a file re-reads that file
         assert counter.bytes >= 0.75 * alone.bytes / world
+
+
+def test_a_range_starting_inside_a_file_skips_the_row_groups_before_it(tmp_path):
+    """One file of four row groups (PREFERENCE_ROW_GROUP rows each): the last 40 positions come out as in the
+    whole epoch, and reading them reads the file's last group (plus footer), not the whole file."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from hscr_platform.data.schema import PREFERENCE_ROW_GROUP
+
+    noise = random.Random(0)  # ~1 KB of incompressible text a row, so row data outweighs the parquet footer
+    n = 4 * PREFERENCE_ROW_GROUP
+    rows = [{**_row(i), "question": "".join(noise.choices("abcdefghij", k=1024))} for i in range(n)]
+    folder = write_preference_shards(rows, tmp_path, rows_per_shard=n)
+    assert pq.ParquetFile(next(folder.glob("part-*.parquet"))).metadata.num_row_groups == 4
+    cfg = PrefDataConfig(path=str(folder), shuffle_window=8)
+    layout = dataset_layout(folder)
+    whole, tail = ReadCounter(), ReadCounter()
+    full = [(p, r["id"]) for p, r in iter_positions(layout, cfg, epoch=0, seed=3, start=0, stop=n, counter=whole)]
+    part = [(p, r["id"]) for p, r in iter_positions(layout, cfg, epoch=0, seed=3, start=n - 40, stop=n, counter=tail)]
+    assert part == full[n - 40 :]
+    assert tail.bytes < 0.5 * whole.bytes  # one group of four + footer and read-ahead (0.42); all four before
+    # a start on a group boundary, one inside the first group, and a range across groups: the same rows too
+    head = ReadCounter()
+    assert [(p, r["id"]) for p, r in iter_positions(layout, cfg, epoch=0, seed=3, start=0, stop=30,
+                                                    counter=head)] == full[:30]  # fmt: skip
+    assert head.bytes < 0.5 * whole.bytes  # the first group only: the groups after it are never read
+    for start in (PREFERENCE_ROW_GROUP, 5, PREFERENCE_ROW_GROUP - 10):
+        got = [(p, r["id"]) for p, r in iter_positions(layout, cfg, epoch=0, seed=3, start=start, stop=start + 30)]
+        assert got == full[start : start + 30]
