@@ -69,7 +69,7 @@ def plan_chunks(cfg: GenDataConfig) -> ChunkPlan:
 def _cut(path: Path, ids: list[Any], dup: list[int], chunk_rows: int, *, first_index: int,
          first_row: int) -> list[Chunk]:  # fmt: skip
     """One shard's chunks of at most ``chunk_rows`` rows, each with the offsets of its repeated ids."""
-    chunks = []
+    chunks: list[Chunk] = []
     for start in range(0, len(ids), chunk_rows):
         stop = min(start + chunk_rows, len(ids))
         inside = tuple(o - start for o in dup if start <= o < stop)

@@ -157,7 +157,8 @@ def _checkpointed_layers(model: Any) -> Iterator[None]:
     saved = [(m.gradient_checkpointing, m.__dict__.get("_can_checkpoint_with_cache")) for m in layers]
     run = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     for m in layers:
-        m.gradient_checkpointing, m._gradient_checkpointing_func, m._can_checkpoint_with_cache = True, run, True
+        m.gradient_checkpointing, m._can_checkpoint_with_cache = True, True
+        m._gradient_checkpointing_func = run  # type: ignore[assignment]  # nn.Module's attribute typing
     try:
         yield
     finally:
