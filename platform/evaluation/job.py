@@ -257,10 +257,11 @@ def answer_all(
 
 def passes(cfg: EvaluateJobConfig, models: dict[str, str], cpus: float) -> list[dict[str, str]]:
     """The models answered together in each Ray Data pass: as many at once as the cluster's ``cpus`` can place
-    (every model's actor pool holds its CPUs for the whole pass: 7 pools of 0.75 CPU on 2 CPUs never started),
-    or one after the other."""
+    beside one read task (every model's actor pool holds its CPUs for the whole pass: 7 pools of 0.75 CPU on 2
+    CPUs never started, and 4 pools of 0.5 CPU took all 2, so the read task never ran), or one after the other."""
     names = list(models)
-    size = max(1, int(cpus // (cfg.actors.num_actors * cfg.actors.cpus_per_actor))) if cfg.actors.models_together else 1
+    pool = cfg.actors.num_actors * cfg.actors.cpus_per_actor
+    size = max(1, int((cpus - READ_CPUS) // pool)) if cfg.actors.models_together else 1
     return [{n: models[n] for n in names[k : k + size]} for k in range(0, len(names), size)]
 
 

@@ -138,3 +138,8 @@ def test_passes_group_models_as_configured(two_models):
         "actors.models_together=true", "actors.num_actors=1", "actors.cpus_per_actor=0.75"])  # fmt: skip
     assert [len(g) for g in passes(seven, seven.models, cpus=2.0)] == [2, 2, 2, 1]
     assert [len(g) for g in passes(seven, seven.models, cpus=0.5)] == [1] * 7  # never an empty pass
+    # 4 pools of 0.5 CPU would take both CPUs and leave none for the read task (the tiny ablation's hang): 3 + 1
+    four = load_config(EvaluateJobConfig, TINY, [
+        "models={" + ", ".join(f"m{i}: '{two_models['base']}'" for i in range(4)) + "}",
+        "actors.models_together=true", "actors.num_actors=1", "actors.cpus_per_actor=0.5"])  # fmt: skip
+    assert [len(g) for g in passes(four, four.models, cpus=2.0)] == [3, 1]
