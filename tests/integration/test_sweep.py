@@ -66,7 +66,7 @@ def _overlap(rows: list[dict]) -> bool:
     return False
 
 
-@pytest.mark.slow  # two DeepSpeed trials at once hung on the loaded machine: not verified yet, kept out of CI
+@pytest.mark.slow  # 188 s: passes since DeepSpeed's shm op is off (session 4); kept out of CI for its time
 def test_two_trials_run_at_once_when_two_fit(inputs, tiny_model_dir):
     root, shards, validation = inputs
     proc = _sweep(root / "two", shards, validation, tiny_model_dir, "search.max_concurrent_trials=2")
@@ -78,7 +78,7 @@ def test_two_trials_run_at_once_when_two_fit(inputs, tiny_model_dir):
     assert "max_concurrent_trials` will be ignored" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow  # never reached its end on the loaded machine (Ray start-up timeouts): kept out of CI for now
+@pytest.mark.slow  # 141 s on an idle machine (session 4); kept out of CI for its time
 def test_demo_resource_shape_runs_one_trial_at_a_time_and_finishes(inputs, tiny_model_dir):
     """2 whole-CPU workers per trial on a 2-CPU Ray: 2 concurrent trials were asked, 1 fits."""
     root, shards, validation = inputs
@@ -89,7 +89,8 @@ def test_demo_resource_shape_runs_one_trial_at_a_time_and_finishes(inputs, tiny_
     assert "[sweep] 1 trial(s) at a time" in proc.stdout and "lowered" in proc.stdout
     (out,) = (root / "demo-shape" / "sweep").iterdir()
     rows = json.loads((out / "trials.json").read_text())
-    assert [r["status"] for r in rows] == ["finished", "finished"]
+    # the first trial runs to its end; ASHA may stop the second at a rung once it has the first's score
+    assert rows[0]["status"] == "finished" and rows[1]["status"] in ("finished", "stopped early")
     assert not _overlap(rows)
     assert "worker group startup timed out" not in proc.stdout + proc.stderr
 
