@@ -115,15 +115,19 @@ def _read_windows(path: str, bounds: list[tuple[int, int]], first: int, last: in
         batches = parquet.iter_batches(batch_size=bounds[0][1] - bounds[0][0], columns=COLUMNS,
                                        row_groups=list(groups))  # fmt: skip
         pending: pa.Table | None = None
-        skip = begin - int(group_starts[groups[0]])
-        windows = [(begin - skip, begin)] * bool(skip) + bounds[first : last + 1]  # + the group's rows before
-        for k, (start, stop) in enumerate(windows):
-            while pending is None or pending.num_rows < stop - start:
+
+        def filled(n: int) -> pa.Table:  # ``pending`` holding at least n rows
+            nonlocal pending
+            while pending is None or pending.num_rows < n:
                 more = pa.Table.from_batches([next(batches)])
                 pending = more if pending is None else pa.concat_tables([pending, more])
-            if k or not skip:
-                yield pending.slice(0, stop - start)
-            pending = pending.slice(stop - start)
+            return pending
+
+        skip = begin - int(group_starts[groups[0]])  # the first group's rows before the first window
+        pending = filled(skip).slice(skip)
+        for start, stop in bounds[first : last + 1]:
+            yield filled(stop - start).slice(0, stop - start)
+            pending = filled(stop - start).slice(stop - start)
 
 
 def iter_positions(layout: Layout, cfg: PrefDataConfig, *, epoch: int, seed: int, start: int, stop: int,
