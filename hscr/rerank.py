@@ -71,3 +71,36 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b: (D,) or (C, D), broadcast against each other. Returns () or (C,).
     """
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)  # (C,)
+
+
+def coupled_recall(
+    reference: Sequence[Hashable], coupled: Sequence[int], replaced: Sequence[int], candidate: Sequence[Hashable]
+) -> float:
+    """Share of y_w's modality-coupled tokens that a candidate negative still says: ``1 − lost / n``.
+
+    reference: y_w's tokens; coupled: its n modality-coupled positions (``coupled_positions``, n ≥ 1); replaced:
+    the positions the candidate's level replaced (a subset of ``coupled``, non-empty); candidate: the candidate's
+    tokens, which start with y_w up to the last replaced position with the replacements swapped in (the edited
+    prefix, ``hscr.replace.edited_prefix``) and then continue freely.
+    Lost: every replaced position, plus every coupled token after the edited prefix that the continuation does not
+    say (multiset match against the candidate's tokens after the prefix). Coupled positions inside the prefix
+    that were not replaced keep y_w's token by construction. So a level that replaces m coupled tokens scores at
+    most ``1 − m/n``: levels are graded by how much image-dependent content they lose, whatever the answer's
+    length, and ``min_gap = 1/n`` or less separates one replacement from the next.
+    """
+    if not coupled:
+        raise ValueError("coupled_recall needs at least one coupled position")
+    if not replaced or not set(replaced) <= set(coupled):
+        raise ValueError(f"replaced positions {list(replaced)} must be a non-empty subset of coupled {list(coupled)}")
+    cut = max(replaced) + 1  # the edited prefix's length
+    if len(candidate) < cut:
+        raise ValueError(f"candidate of {len(candidate)} tokens is shorter than its edited prefix ({cut})")
+    said = Counter(candidate[cut:])  # what the continuation says
+    lost = len(set(replaced))
+    for position in sorted(p for p in coupled if p >= cut):
+        token = reference[position]
+        if said[token] > 0:
+            said[token] -= 1
+        else:
+            lost += 1
+    return 1.0 - lost / len(coupled)

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 DropoutMode = Literal["zero", "remove"]
 ShiftKind = Literal["logit", "logprob"]
+# Where a replacement must be plausible (``hscr.plausible_view``): the full view (VCD's rule, METHOD's default),
+# the dropped view (what the model would say without looking), or either.
+PlausibleView = Literal["full", "dropped", "either"]
 
 # Words that carry grammar, not findings: optionally never modality-coupled (``hscr.exclude_function_words``).
 # Negations ("no", "not", "without") and "with" stay eligible: they decide what a finding is.
@@ -184,6 +187,24 @@ def coupled_positions(shift: torch.Tensor, *, n: int, eligible: torch.Tensor) ->
     return candidates[order[:n]]  # (≤ n,)
 
 
+def replacement_candidates(
+    full_logits_t: torch.Tensor, dropped_logits_t: torch.Tensor, *, alpha: float, view: PlausibleView = "full"
+) -> torch.Tensor:
+    """Tokens plausible enough to be a hallucinated replacement at one position, before any is removed.
+
+    ``view="full"``: ``plausible_mask`` on the full view (VCD's rule). ``"dropped"``: on the dropped view: the
+    tokens the model finds plausible when most of the image is gone, i.e. what its language prior would say.
+    ``"either"``: the union. full_logits_t, dropped_logits_t: (V,) (or (..., V)). Returns a bool mask, same shape.
+    """
+    if view == "full":
+        return plausible_mask(full_logits_t, alpha=alpha)
+    if view == "dropped":
+        return plausible_mask(dropped_logits_t, alpha=alpha)
+    if view == "either":
+        return plausible_mask(full_logits_t, alpha=alpha) | plausible_mask(dropped_logits_t, alpha=alpha)
+    raise ValueError(f"unknown plausible view {view!r}; expected 'full', 'dropped' or 'either'")
+
+
 def hallucinated_replacement(
     full_logits_t: torch.Tensor,
     dropped_logits_t: torch.Tensor,
@@ -192,18 +213,20 @@ def hallucinated_replacement(
     alpha: float,
     exclude_token: int,
     never: torch.Tensor | Collection[int] = (),
+    view: PlausibleView = "full",
 ) -> int | None:
     """The plausible candidate with the lowest ``P_diff`` at one position, other than ``exclude_token``.
 
-    full_logits_t, dropped_logits_t: (V,). Plausibility is measured on the raw full-view logits (the max over
-    the whole vocabulary), and only then are ``exclude_token`` and the ``never`` ids (special tokens: eos,
-    image, pad) removed from the candidates: a special token that is the argmax still sets the threshold.
+    full_logits_t, dropped_logits_t: (V,). Plausibility is measured on the raw logits of ``view``
+    (:func:`replacement_candidates`; the max over the whole vocabulary), and only then are ``exclude_token`` and
+    the ``never`` ids (special tokens: eos, image, pad) removed from the candidates: a special token that is the
+    argmax still sets the threshold.
     Lowest ``P_diff`` among the candidates is the lowest contrastive logit ``(1 + β) z − β z'`` among them
     (softmax is monotone; comparing logits avoids ties from underflow); equal logits → the lower token id.
     Returns ``None`` when no candidate is left (the position cannot be replaced; the caller skips it).
     """
     scores = contrastive_logits(full_logits_t.float(), dropped_logits_t.float(), beta=beta)  # (V,)
-    candidates = plausible_mask(full_logits_t, alpha=alpha)  # (V,) on the raw logits
+    candidates = replacement_candidates(full_logits_t, dropped_logits_t, alpha=alpha, view=view)  # (V,) raw logits
     never_ids = torch.as_tensor(list(never) if not isinstance(never, torch.Tensor) else never, dtype=torch.long)
     candidates[never_ids.to(candidates.device)] = False
     candidates[exclude_token] = False

@@ -64,6 +64,9 @@ class HscrConfig:
     # Δ_t on raw logits (the default) or on log-probs (a shift that moves a whole position's logits counts 0)
     shift: Literal["logit", "logprob"] = "logit"
     exclude_function_words: bool = False  # "the", "of", "a", "and", ... never modality-coupled (hscr.rewards)
+    # where a replacement must be plausible (α): the full view (VCD's rule), the dropped view (what the model says
+    # without looking) or either (hscr.rewards.replacement_candidates); the reward P_diff keeps the full view
+    plausible_view: Literal["full", "dropped", "either"] = "full"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_drop <= 1.0 or not 0.0 <= self.alpha <= 1.0:
@@ -285,7 +288,13 @@ def score_example(
     replacements: dict[int, int] = {}
     for p in coupled:
         token = hallucinated_replacement(
-            full[p], dropped[p], beta=cfg.beta, alpha=cfg.alpha, exclude_token=int(ids[p]), never=special
+            full[p],
+            dropped[p],
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            exclude_token=int(ids[p]),
+            never=special,
+            view=cfg.plausible_view,
         )  # special tokens (eos, image, pad) never qualify, but still set the plausibility threshold
         if token is not None:
             replacements[p] = token

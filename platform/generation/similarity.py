@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from hscr.rerank import cosine_similarity, lexical_similarity
+from hscr.rerank import cosine_similarity, coupled_recall, lexical_similarity
 from hscr.rewards import FUNCTION_WORDS
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -30,7 +30,9 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class SimilarityConfig:
     """Which similarity the re-ranker uses."""
 
-    kind: Literal["embedding", "lexical", "content"] = "embedding"
+    # embedding: sentence embeddings (the paper); lexical: word F1; content: word F1 without function words;
+    # coupled: the share of y_w's modality-coupled tokens a negative still says (CoupledSimilarity), no model
+    kind: Literal["embedding", "lexical", "content", "coupled"] = "embedding"
     model: str | None = None  # a sentence-transformers folder; null = the packaged all-MiniLM-L6-v2
     batch_size: int = 64  # texts per embedding forward
     max_length: int = 128  # tokens per text for the embedding model (longer texts are cut)
@@ -89,6 +91,27 @@ class ContentSimilarity(LexicalSimilarity):
     def similarities(self, reference: str, candidates: Sequence[str]) -> list[float]:
         ref = content_words(reference)
         return [lexical_similarity(content_words(c), ref) for c in candidates]
+
+
+class CoupledSimilarity:
+    """How much of y_w's image-dependent content a negative keeps: ``hscr.rerank.coupled_recall``.
+
+    Scores token ids, not texts: the share of y_w's modality-coupled tokens (the scoring stage's top-n
+    positions) that the negative still says, the replaced ones counted as lost. A level that replaces m of n
+    coupled tokens scores at most ``1 − m/n``, so graded levels stay apart under ``hscr.min_gap`` however long
+    the answer is (word F1 moves by 1/length per word; MiniLM scores a changed finding at ~0.99). It does not
+    see findings a continuation adds: those are judged by the loss, not by the ranking. The worker calls
+    :meth:`token_similarities` with the ids, coupled positions and levels it already holds.
+    """
+
+    def token_similarities(
+        self,
+        reference_ids: Sequence[int],
+        coupled: Sequence[int],
+        candidates: Sequence[tuple[Sequence[int], Sequence[int]]],
+    ) -> list[float]:
+        """Similarity of each (candidate token ids, positions its level replaced) to y_w."""
+        return [coupled_recall(reference_ids, coupled, replaced, ids) for ids, replaced in candidates]
 
 
 def content_words(text: str) -> list[str]:
@@ -152,8 +175,10 @@ class EmbeddingSimilarity:
         return out
 
 
-def build_similarity(cfg: SimilarityConfig) -> Similarity:
+def build_similarity(cfg: SimilarityConfig) -> Similarity | CoupledSimilarity:
     """The configured similarity (loads the embedding model once; call it once per actor)."""
+    if cfg.kind == "coupled":
+        return CoupledSimilarity()
     if cfg.kind == "lexical":
         return LexicalSimilarity()
     if cfg.kind == "content":

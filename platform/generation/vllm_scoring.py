@@ -112,6 +112,7 @@ def score_from_logprobs(
     ids = torch.as_tensor(list(response), dtype=torch.long)  # (T,)
     full_lp, _ = full.dense(vocab, top_k=top_k, bound_missing=False)  # (T, V)
     dropped_lp, dropped_known = dropped.dense(vocab, top_k=top_k, bound_missing=True)  # (T, V)
+    full_bound = full.dense(vocab, top_k=top_k, bound_missing=True)[0] if cfg.plausible_view != "full" else None
     shift = token_shift(full_lp, dropped_lp, ids)  # (T,) a difference of log-probs: the log-prob shift
     reward = token_reward(full_lp, dropped_lp, ids, beta=cfg.beta, alpha=cfg.alpha)  # (T,)
     eligible = _eligible(ids, response, cfg=cfg, excluded=excluded)  # (T,)
@@ -119,7 +120,15 @@ def score_from_logprobs(
     special = torch.as_tensor(sorted(excluded.special), dtype=torch.long)  # (S,)
     replacements: dict[int, int] = {}
     for p in coupled:
-        token = _replacement(full_lp[p], dropped_lp[p], int(ids[p]), cfg=cfg, never=special)
+        token = _replacement(
+            full_lp[p],
+            dropped_lp[p],
+            int(ids[p]),
+            cfg=cfg,
+            never=special,
+            dropped_known=dropped_known[p],
+            full_bound=None if full_bound is None else full_bound[p],
+        )
         if token is not None:
             replacements[p] = token
             if stats is not None:
@@ -145,13 +154,31 @@ def _eligible(ids: torch.Tensor, response: Sequence[int], *, cfg: HscrConfig, ex
 
 
 def _replacement(
-    full_t: torch.Tensor, dropped_t: torch.Tensor, token: int, *, cfg: HscrConfig, never: torch.Tensor
+    full_t: torch.Tensor,
+    dropped_t: torch.Tensor,
+    token: int,
+    *,
+    cfg: HscrConfig,
+    never: torch.Tensor,
+    dropped_known: torch.Tensor | None = None,
+    full_bound: torch.Tensor | None = None,
 ) -> int | None:
     """The lowest-P_diff plausible token at one position (``hscr.rewards.hallucinated_replacement``'s rule):
-    plausibility on the full view with every token counted, then the emitted and special tokens removed.
-    full_t, dropped_t: (V,) log-probs (−inf / the bound where vLLM returned none)."""
-    scores = contrastive_logits(full_t, dropped_t, beta=cfg.beta)  # (V,)
-    candidates = plausible_mask(full_t, alpha=cfg.alpha)  # (V,)
+    plausibility on ``hscr.plausible_view`` with every token counted, then the emitted and special tokens removed.
+    full_t, dropped_t: (V,) log-probs (−inf / the bound where vLLM returned none). With the dropped view in the
+    rule, only tokens vLLM returned for it (``dropped_known``) can be plausible there, and a candidate missing
+    from the full view's top-K is scored with the full view's bound (``full_bound``) instead of −inf."""
+    view = cfg.plausible_view
+    full_plausible = plausible_mask(full_t, alpha=cfg.alpha)  # (V,)
+    dropped_plausible = plausible_mask(dropped_t, alpha=cfg.alpha)  # (V,)
+    if dropped_known is not None:
+        dropped_plausible &= dropped_known
+    candidates = {"full": full_plausible, "dropped": dropped_plausible, "either": full_plausible | dropped_plausible}[
+        view
+    ]
+    scores = contrastive_logits(
+        full_t if full_bound is None or view == "full" else full_bound, dropped_t, beta=cfg.beta
+    )
     candidates[never] = False
     candidates[token] = False
     if not bool(candidates.any()):

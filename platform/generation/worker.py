@@ -22,7 +22,7 @@ import torch
 
 from hscr.rerank import select_levels
 from hscr_platform.generation.job import GenerateJobConfig, model_config
-from hscr_platform.generation.similarity import near_copy
+from hscr_platform.generation.similarity import CoupledSimilarity, near_copy
 from hscr_platform.models.engines.decoding import ContinuationRequest, Decoder
 from hscr_platform.models.engines.hf import HFDecoder
 from hscr_platform.models.engines.vllm import EngineDied
@@ -282,9 +282,19 @@ class Worker:
         assert self.similarity is not None
         t0 = time.perf_counter()
         pools = [[c for c in s["candidates"] if not near_copy(c["text"], s["answer"])] for s in batch]
-        sims = self.similarity.many(
-            [(s["answer"].strip(), [c["text"] for c in p]) for s, p in zip(batch, pools, strict=True)]
-        )
+        if isinstance(self.similarity, CoupledSimilarity):  # token ids against the scoring stage's coupled positions
+            sims = [
+                self.similarity.token_similarities(
+                    s["response_ids"],
+                    s["scored"].coupled,
+                    [(c["token_ids"], s["scored"].levels[c["level"]]) for c in p],
+                )
+                for s, p in zip(batch, pools, strict=True)
+            ]
+        else:
+            sims = self.similarity.many(
+                [(s["answer"].strip(), [c["text"] for c in p]) for s, p in zip(batch, pools, strict=True)]
+            )
         hscr = self.cfg.hscr
         kept = [select_levels(x, k=hscr.k, min_gap=hscr.min_gap, max_similarity=hscr.max_similarity) for x in sims]
         self.timings["rerank"] += time.perf_counter() - t0

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from hscr.rerank import cosine_similarity, lexical_similarity, select_levels
+from hscr.rerank import cosine_similarity, coupled_recall, lexical_similarity, select_levels
 
 
 def test_select_levels_worked_example() -> None:
@@ -80,3 +80,25 @@ def test_cosine_similarity() -> None:
     # One reference against many candidates (broadcast), and a zero vector gives 0.
     torch.testing.assert_close(cosine_similarity(torch.tensor([1.0, 0.0]), a[:2]), torch.tensor([1.0, 0.0]))
     assert float(cosine_similarity(torch.zeros(2), torch.tensor([1.0, 0.0]))) == 0.0
+
+
+def test_coupled_recall_hand_computed() -> None:
+    # y_w = "a b c d e" (positions 0..4), coupled positions [3, 1, 4] (n = 3).
+    ref = list("abcde")
+    # Level 1 replaces position 3 (d -> x): the prefix is "a b c x"; the continuation says "e" → lost {3}: 1 − 1/3.
+    assert coupled_recall(ref, [3, 1, 4], [3], list("abcxe")) == pytest.approx(2 / 3)
+    # The continuation drops "e" (says "f"): lost {3, 4} → 1/3.
+    assert coupled_recall(ref, [3, 1, 4], [3], list("abcxf")) == pytest.approx(1 / 3)
+    # Position 1 (b) sits inside the prefix and was not replaced: kept by construction even if "b" is said no more.
+    assert coupled_recall(ref, [3, 1, 4], [1, 3], list("ayczf")) == pytest.approx(0.0)  # lost 1, 3 and 4
+    # A coupled token after the prefix is matched once per occurrence: y_w = "a b b", coupled [1, 2], level
+    # replaces 1 → prefix "a x"; the continuation "b" keeps position 2's "b": lost {1} → 1/2.
+    assert coupled_recall(list("abb"), [1, 2], [1], list("axb")) == pytest.approx(0.5)
+    # Level m loses at least its m replacements: at most 1 − m/n, so levels stay 1/n apart.
+    assert coupled_recall(ref, [3, 1, 4], [1, 3, 4], list("aycze")) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least one coupled"):
+        coupled_recall(ref, [], [1], ref)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        coupled_recall(ref, [3, 1], [2], ref)
+    with pytest.raises(ValueError, match="shorter than its edited prefix"):
+        coupled_recall(ref, [3, 1], [3], list("ab"))

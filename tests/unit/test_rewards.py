@@ -15,6 +15,7 @@ from hscr.rewards import (
     hallucinated_replacement,
     plausible_mask,
     punctuation_token_ids,
+    replacement_candidates,
     token_reward,
     token_shift,
     visual_token_dropout,
@@ -218,3 +219,25 @@ def test_example_generator_seed_is_pinned() -> None:
     # here would silently change every stored dropped view.
     assert example_generator(0, "ex-1").initial_seed() == 3729603235309655168
     assert example_generator(1, "ex-1").initial_seed() != example_generator(0, "ex-1").initial_seed()
+
+
+def test_replacement_plausible_on_the_dropped_view_or_either() -> None:
+    # z = [3, 1, 2.5], z' = [3, −1, 2], β = 0.9, α = 0.1 (log α = −2.302585), the emitted token is 0.
+    #   full view:    z − 3  = [0, −2, −0.5]  → all plausible;  dropped view: z' − 3 = [0, −4, −1] → tokens 0, 2
+    #   contrastive 1.9 z − 0.9 z' = [5.7 − 2.7, 1.9 + 0.9, 4.75 − 1.8] = [3.0, 2.8, 2.95]
+    full, dropped = torch.tensor([3.0, 1.0, 2.5]), torch.tensor([3.0, -1.0, 2.0])
+    pick = {
+        view: hallucinated_replacement(full, dropped, beta=0.9, alpha=0.1, exclude_token=0, view=view)
+        for view in ("full", "dropped", "either")
+    }
+    # full / either: {1, 2} → lowest contrastive 2.8 = token 1; dropped: {2} (token 1 is implausible blind) → 2
+    assert pick == {"full": 1, "dropped": 2, "either": 1}
+    assert replacement_candidates(full, dropped, alpha=0.1, view="dropped").tolist() == [True, False, True]
+    # Z = [2, 1, 0], Z' = [1, 1, 1] at α = 0.5: only the emitted token 0 is plausible in full view → None; blind,
+    # every token is (equal logits) → contrastive [2.9, 1.0, −0.9] → token 2, in the dropped view and in either.
+    args = {"beta": 0.9, "alpha": 0.5, "exclude_token": 0}
+    assert hallucinated_replacement(Z[0], Z_DROP[0], **args, view="full") is None
+    assert hallucinated_replacement(Z[0], Z_DROP[0], **args, view="dropped") == 2
+    assert hallucinated_replacement(Z[0], Z_DROP[0], **args, view="either") == 2
+    with pytest.raises(ValueError, match="plausible view"):
+        replacement_candidates(Z[0], Z_DROP[0], alpha=0.1, view="blind")  # type: ignore[arg-type]

@@ -103,3 +103,44 @@ def test_content_similarity_grades_changed_findings():
         "a cyst in the lower part.", ["a cyst in the upper part.", "a mass in the upper part.", "no cyst is seen."]
     )
     assert sims == pytest.approx([2 / 3, 1 / 3, 1 / 3])
+
+
+def test_coupled_similarity_scores_each_candidate_against_its_level():
+    from hscr_platform.generation.similarity import CoupledSimilarity, SimilarityConfig, build_similarity
+
+    sim = build_similarity(SimilarityConfig(kind="coupled"))
+    assert isinstance(sim, CoupledSimilarity)
+    # y_w = [10, 11, 12, 13, 2], coupled [1, 3] (n = 2). Level 1 replaces 3 (13 -> 20): lost 1 of 2 → 0.5.
+    # Level 2 replaces 1 and 3: 0.0. A level replacing 1 whose continuation still says 13: 0.5; one that does
+    # not: 0.0.
+    ref, coupled = [10, 11, 12, 13, 2], [1, 3]
+    candidates = [([10, 11, 12, 20, 2], [3]), ([10, 21, 12, 20, 2], [1, 3]), ([10, 21, 13, 2], [1]), ([10, 21, 2], [1])]
+    assert sim.token_similarities(ref, coupled, candidates) == pytest.approx([0.5, 0.0, 0.5, 0.0])
+
+
+def test_worker_ranks_levels_by_coupled_recall():
+    # y_w = [5, 6, 9, eos 2], coupled positions [0, 1, 2]; level m replaces the first m of them (7, 8, 4), and the
+    # continuations keep nothing else: recall 2/3, 1/3, 0 → three levels, 1/3 apart (min_gap 0.1).
+    from hscr_platform.generation.job import GenDataConfig, GenerateJobConfig, GenModelConfig, GenOutputConfig
+    from hscr_platform.generation.scoring import Scored
+    from hscr_platform.generation.similarity import CoupledSimilarity
+    from hscr_platform.generation.worker import Worker, WorkerSpec
+
+    cfg = GenerateJobConfig(
+        data=GenDataConfig(input="in"), model=GenModelConfig(path="m"), output=GenOutputConfig(path="out"),
+        similarity=SimilarityConfig(kind="coupled"),
+    )  # fmt: skip
+    worker = object.__new__(Worker)
+    worker.spec, worker.cfg = WorkerSpec(cfg, "m", "fp", "hash"), cfg
+    worker.similarity, worker.timings = CoupledSimilarity(), defaultdict(float)
+    scored = Scored([3.0, 2.0, 1.0, 0.0], [0.5] * 4, [0, 1, 2], {0: 7, 1: 8, 2: 4}, [(0,), (0, 1), (0, 1, 2)])
+    ids = [[7, 6, 9, 2], [7, 8, 9, 2], [7, 8, 4, 2]]
+    candidates = [
+        {"level": j, "token_ids": t, "text": f"text {j}", "ref_token_logps": [-1.0] * 4} for j, t in enumerate(ids)
+    ][::-1]  # decode order does not matter: the ranking does
+    state = {"id": "x", "source": "s", "image": b"", "question": "describe", "answer": "a nodule.", "scored": scored,
+             "response_ids": [5, 6, 9, 2], "ref_token_logps": [-0.1] * 4, "candidates": candidates}  # fmt: skip
+    [update] = worker._finish([state])
+    row = update["preference"]
+    assert row["num_levels"] == 3 and row["similarity"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert row["replaced_positions"] == [[0], [0, 1], [0, 1, 2]]

@@ -67,3 +67,22 @@ def test_the_demo_base_model_keeps_a_head_size_vllm_cpu_runs():
     repo = Path(__file__).resolve().parents[2]
     toy = load_config(SftJobConfig, repo / "jobs/configs/sft/demo.yaml").init.toy
     assert toy.text_hidden // toy.text_heads in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def test_plausible_on_the_dropped_view_uses_returned_tokens_and_the_full_views_bound():
+    # The data of test_shift_replacements_and_bounds_by_hand, plausibility on the dropped view, α = 0.5.
+    # position 0: dropped {1: .6, 2: .2, 3: .1}: p ≥ .3 → {1} → token 1.
+    # position 1: dropped {2: .5, 5: .3, 4: .04}: p ≥ .25 → {2, 5}. Token 5 has no full-view log-prob: it is
+    #   scored with the full view's bound, the 2nd best .35: 2·log .35 − log .3 = −0.896, against token 2's
+    #   2·log .35 − log .5 = −1.406 → token 2. (Scored as −inf, token 5 would win on an unknown.)
+    # either: position 1 adds the full view's {0, 2} (token 0: 2·log .4 − log .3 = −0.629) → still token 2.
+    # full (α = .5): position 0 {0, 1}: token 0 2·log .5 − log .2 (bound) = 0.223, token 1 2·log .3 − log .6
+    #   = −1.897 → token 1; position 1 {0, 2} → token 2.
+    response = [3, 4]
+    full = _view({0: 0.5, 1: 0.3, 3: 0.05}, {0: 0.4, 2: 0.35, 4: 0.01})
+    dropped = _view({1: 0.6, 2: 0.2, 3: 0.1}, {2: 0.5, 5: 0.3, 4: 0.04})
+    excluded = ExcludedTokens(frozenset(), frozenset())
+    for view, expected in (("dropped", {0: 1, 1: 2}), ("either", {0: 1, 1: 2}), ("full", {0: 1, 1: 2})):
+        cfg = replace(HscrConfig(), beta=1.0, alpha=0.5, shift="logprob", plausible_view=view)
+        scored = score_from_logprobs(full, dropped, response, vocab=6, cfg=cfg, excluded=excluded, top_k=2)
+        assert scored.replacements == expected, view
