@@ -179,9 +179,27 @@ def test_shift_kind_and_function_words_decide_coupling():
                       excluded=ExcludedTokens(special=frozenset({0}), punctuation=frozenset({1})))  # fmt: skip
 
 
+def test_plausible_view_decides_which_positions_can_be_replaced():
+    # V = 6, eos 0. y_w = [2, 3, 0], shifts [3, 1, 9] → coupled [0, 1]. With the image every alternative sits at
+    # −5 (e^−7 · p_max < α = 0.1): nothing is plausible but y_w's own tokens. Without the image (dropped view),
+    # y_w's token at t = 0 falls to −1 and token 5 rises to 0: token 5 is the blind view's argmax there.
+    response = [2, 3, 0]
+    full, dropped = _one_hot_logits(response, 6, [3.0, 1.0, 9.0])
+    dropped[0, 5] = 0.0
+    excluded = ExcludedTokens(special=frozenset({0}), punctuation=frozenset({1}))
+    full_only = score_example(full, dropped, response, cfg=HscrConfig(), excluded=excluded)
+    assert full_only.coupled == [0, 1] and full_only.replacements == {} and full_only.levels == []
+    # dropped / either: at t = 0 token 5 (0 − 0 ≥ log 0.1) is plausible blind → the replacement; at t = 1 the
+    # blind view keeps y_w's token 3 at 1.0 and the rest at −5: still nothing.
+    for view in ("dropped", "either"):
+        scored = score_example(full, dropped, response, cfg=HscrConfig(plausible_view=view), excluded=excluded)
+        assert scored.replacements == {0: 5} and scored.levels == [(0,)], view
+
+
 def test_defaults_keep_todays_shift_and_drop_near_copies():
     cfg = HscrConfig()
     assert cfg.shift == "logit" and not cfg.exclude_function_words and cfg.max_similarity == 0.999
+    assert cfg.plausible_view == "full"  # METHOD's (VCD's) rule stays the default of the method config
 
 
 def test_token_pieces_mark_word_starts(setup):
