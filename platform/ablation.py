@@ -57,6 +57,9 @@ class AblationConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     trials: int = 4  # Tune trials per method (the same budget for every method)
     max_concurrent_trials: int = 1  # each trial's Train workers need their own CPUs
+    # ASHA prunes on the training reward accuracy, which rewards a high lr, while the trials are chosen on
+    # validation accuracy, which a high lr can hurt: off, every trial of the budget is trained and scored
+    early_stopping: bool = False
     lr: Range = field(default_factory=lambda: Range(low=1e-5, high=3e-4))
     gamma: Range = field(default_factory=lambda: Range(low=0.05, high=0.5))
     nll_weight: Range = field(default_factory=lambda: Range(low=0.05, high=1.0))  # hscr_nll only
@@ -95,7 +98,12 @@ def sweep_config(
         train_profile=train_profile,
         train_overrides=(*train_paths, *METHOD_OVERRIDES[method]),
         space=tuple(space),
-        search=SearchConfig(num_samples=ab.trials, max_concurrent_trials=ab.max_concurrent_trials, seed=0),
+        search=SearchConfig(
+            num_samples=ab.trials,
+            max_concurrent_trials=ab.max_concurrent_trials,
+            seed=0,
+            early_stopping=ab.early_stopping,
+        ),
         objective=ObjectiveConfig(validation=str(validation), metric=ab.metric, samples=ab.validation_samples),
         name=f"ablation-{method}",
         output_root=root,

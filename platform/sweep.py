@@ -55,6 +55,9 @@ class SearchConfig:
     # the trial's own driver (its Train workers hold their own); 0: it only waits (2 × 1-CPU workers on 2 CPUs)
     trial_cpus: float = 0.0
     placement_timeout_s: float = 600.0  # a trial whose workers' CPUs / GPUs are not free by then fails
+    # ASHA stops trials whose training metric lags; false: every trial runs to the end (FIFO), which a sweep
+    # scored on a validation metric that the training metric does not predict needs (the ablation)
+    early_stopping: bool = True
     asha_metric: str = "rewards/accuracies"  # reported by the trainer every schedule.log_every steps
     asha_grace_period: int = 2  # reports before ASHA may stop a trial
     asha_reduction_factor: int = 2
@@ -265,9 +268,23 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
 # --- the driver -----------------------------------------------------------------------------------------
 
 
+def scheduler(search: SearchConfig) -> Any:
+    """ASHA on ``asha_metric`` (higher is better), or FIFO (every trial runs to the end) without early stopping."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not search.early_stopping:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        metric=search.asha_metric,
+        mode="max",
+        time_attr="training_iteration",
+        grace_period=search.asha_grace_period,
+        reduction_factor=search.asha_reduction_factor,
+    )
+
+
 def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None, concurrent: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent_run_id, cwd=str(Path.cwd()))
@@ -280,13 +297,7 @@ def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None, concurrent
             reuse_actors=False,  # a stopped trial's actor must die: its Ray Train workers go with it
             # the limit lives in the generator: Tune ignores max_concurrent_trials beside a BasicVariantGenerator
             search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent),
-            scheduler=ASHAScheduler(
-                metric=search.asha_metric,
-                mode="max",
-                time_attr="training_iteration",
-                grace_period=search.asha_grace_period,
-                reduction_factor=search.asha_reduction_factor,
-            ),
+            scheduler=scheduler(search),
         ),
         run_config=tune.RunConfig(name=out.name, storage_path=str((out / "ray").resolve())),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,14 @@ def test_sweeps_search_the_same_budget_and_nll_only_where_it_exists():
     assert [d.key for d in nll.space] == ["optim.lr", "loss.gamma", "loss.nll_weight"]
     assert "loss.weights=dpo" in dpo.train_overrides and "data.max_levels=2" in dpo.train_overrides
     assert dpo.objective.validation == "/v"  # selection reads validation
+    # every trial of the budget is trained and scored: ASHA would prune on the training reward accuracy
+    assert not dpo.search.early_stopping and not nll.search.early_stopping
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from hscr_platform.sweep import scheduler
+
+    assert type(scheduler(dpo.search)) is FIFOScheduler
+    assert isinstance(scheduler(dataclasses.replace(dpo.search, early_stopping=True)), ASHAScheduler)
 
 
 def test_bad_ablation_configs_fail_at_load():
