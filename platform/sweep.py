@@ -274,13 +274,9 @@ def scheduler(search: SearchConfig) -> Any:
 
     if not search.early_stopping:
         return FIFOScheduler()
-    return ASHAScheduler(
-        metric=search.asha_metric,
-        mode="max",
-        time_attr="training_iteration",
-        grace_period=search.asha_grace_period,
-        reduction_factor=search.asha_reduction_factor,
-    )
+    return ASHAScheduler(metric=search.asha_metric, mode="max", time_attr="training_iteration",
+                         grace_period=search.asha_grace_period,
+                         reduction_factor=search.asha_reduction_factor)  # fmt: skip
 
 
 def _tuner(cfg: SweepJobConfig, out: Path, parent_run_id: str | None, concurrent: int) -> Any:
@@ -346,7 +342,15 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
     import json
 
     from hscr_platform.core.runtime import init_ray
-    from hscr_platform.core.tracking import end_run, log_artifacts, log_config, start_run, tracking_uri
+    from hscr_platform.core.tracking import (
+        end_run,
+        kill_running_children,
+        log_artifacts,
+        log_config,
+        log_metric,
+        start_run,
+        tracking_uri,
+    )
 
     check_space(cfg)  # before any Ray work
     out = Path(cfg.output_root) / "sweep" / f"{cfg.name}-{config_hash(cfg)}"
@@ -365,10 +369,10 @@ def run(cfg: SweepJobConfig) -> dict[str, Any]:
     files = [out / "trials.md", out / "trials.json"]
     if best is not None:
         files.append(save_config(train_config(cfg, best["params"]), out / "best.yaml"))
-        _client_metric(parent, "best_val_score", best["val_score"])
+        log_metric(parent, "best_val_score", best["val_score"])
     for path in files:
         log_artifacts(parent, path)
-    _close_stopped_children(parent)
+    kill_running_children(parent)  # trials that ASHA stopped were killed mid-run
     end_run(parent, "FINISHED" if best is not None else "FAILED")
     print(table)
     print(f"[sweep] best {cfg.objective.metric}: {best and best['val_score']}; config: {out / 'best.yaml'}")
@@ -393,19 +397,3 @@ def _concurrency(cfg: SweepJobConfig, parent: Any) -> int:
         f" (max_concurrent_trials {cfg.search.max_concurrent_trials} lowered: that many never fit at once)"  # fmt: skip
     print(f"[sweep] {concurrent} trial(s) at a time, each holding {need}{note}", flush=True)
     return concurrent
-
-
-def _client_metric(run: Any, key: str, value: float) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(run.uri).log_metric(run.run_id, key, value)
-
-
-def _close_stopped_children(parent: Any) -> None:
-    """Trials that ASHA stopped were killed mid-run: mark their still-RUNNING MLflow runs KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(parent.uri)
-    query = f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
-    for child in client.search_runs([parent.experiment_id], filter_string=query):
-        client.set_terminated(child.info.run_id, status="KILLED")

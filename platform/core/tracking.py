@@ -189,6 +189,19 @@ def set_tags(run: TrackedRun, tags: Mapping[str, Any]) -> None:
         _client(run.uri).set_tag(run.run_id, key, str(value))
 
 
+def log_metric(run: TrackedRun, key: str, value: float) -> None:
+    """One metric on a run the caller does not hold open (e.g. a sweep's parent after its trials)."""
+    _client(run.uri).log_metric(run.run_id, key, value)
+
+
+def kill_running_children(parent: TrackedRun) -> None:
+    """Mark the parent's child runs that are still RUNNING as KILLED (their owners died mid-run)."""
+    client = _client(parent.uri)
+    query = f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
+    for child in client.search_runs([parent.experiment_id], filter_string=query):
+        client.set_terminated(child.info.run_id, status="KILLED")
+
+
 def end_run(run: TrackedRun, status: str = "FINISHED") -> None:
     """FINISHED, FAILED or KILLED (a run stopped on purpose, to be resumed)."""
     _client(run.uri).set_terminated(run.run_id, status=status)
