@@ -31,7 +31,7 @@ from hscr.rewards import (
     contrastive_logits,
     coupled_positions,
     eligible_token_mask,
-    plausible_mask,
+    replacement_candidates,
     token_reward,
     token_shift,
 )
@@ -169,13 +169,9 @@ def _replacement(
     rule, only tokens vLLM returned for it (``dropped_known``) can be plausible there, and a candidate missing
     from the full view's top-K is scored with the full view's bound (``full_bound``) instead of −inf."""
     view = cfg.plausible_view
-    full_plausible = plausible_mask(full_t, alpha=cfg.alpha)  # (V,)
-    dropped_plausible = plausible_mask(dropped_t, alpha=cfg.alpha)  # (V,)
-    if dropped_known is not None:
-        dropped_plausible &= dropped_known
-    candidates = {"full": full_plausible, "dropped": dropped_plausible, "either": full_plausible | dropped_plausible}[
-        view
-    ]
+    # an unreturned dropped-view token is never plausible there (the max over the returned ones is unchanged)
+    dropped_seen = dropped_t if dropped_known is None else dropped_t.masked_fill(~dropped_known, -math.inf)  # (V,)
+    candidates = replacement_candidates(full_t, dropped_seen, alpha=cfg.alpha, view=view)  # (V,)
     scores = contrastive_logits(
         full_t if full_bound is None or view == "full" else full_bound, dropped_t, beta=cfg.beta
     )
