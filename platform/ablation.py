@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +202,43 @@ def per_method(results: dict[str, dict[str, Any]], methods: Sequence[str], seeds
     return table
 
 
+ROW_METRICS = {"closed_accuracy": "closed", "open_recall": "open"}  # metric -> the answer type its rows score
+ROW_PAIRS = (("hscr", "dpo"), ("hscr", "base"), (ROUND_TWO, "hscr"))  # A − B, paired over test rows
+
+
+def row_differences(records: Iterable[dict], a: Sequence[str], b: Sequence[str], answer_type: str) -> list[float]:
+    """Per test row of ``answer_type`` (real-image view): the mean score of models ``a`` (a method's seeds) minus
+    that of models ``b``, for the rows that every one of them answered. Their spread is the test set's sampling
+    noise, which an interval over training seeds alone does not contain."""
+    side = {m: 0 for m in a} | {m: 1 for m in b}
+    rows: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r["model"] in side and r["view"] == "image" and r["answer_type"] == answer_type:
+            acc = rows.setdefault((r["source"], r["id"]), [0.0, 0.0, 0.0, 0.0])  # sum a, sum b, count a, count b
+            acc[side[r["model"]]] += float(r["score"])
+            acc[2 + side[r["model"]]] += 1
+    return [s[0] / len(a) - s[1] / len(b) for s in rows.values() if (s[2], s[3]) == (len(a), len(b))]
+
+
+def row_lines(records: Sequence[dict], methods: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """report.md's differences paired over test rows (each method's seeds averaged per row), 95% normal CI."""
+
+    def models(name: str) -> list[str]:
+        return ["base"] if name == "base" else [f"{name}-s{s}" for s in seeds]
+
+    lines = ["", "## Differences paired over test rows (per row: the mean over seeds)", ""]
+    for a, b in ROW_PAIRS:
+        if {a, b} - {*methods, "base"}:
+            continue
+        for metric, answer_type in ROW_METRICS.items():
+            diffs = row_differences(records, models(a), models(b), answer_type)
+            if len(diffs) > 1:
+                diff = estimate(diffs)
+                words = _interval_words(diff, lower_is_better=False).replace("HSCR", a)
+                lines.append(f"- {a} − {b}, {metric} ({len(diffs)} rows): {diff.text()} — {words}")
+    return lines
+
+
 def order_holds(table: dict[str, dict[str, list[float]]], metric: str = "closed_accuracy") -> bool | None:
     """Whether the means follow HSCR > implicit only > explicit only > base on ``metric`` (None: missing)."""
     row = table.get(metric, {})
@@ -212,8 +249,10 @@ def order_holds(table: dict[str, dict[str, list[float]]], metric: str = "closed_
     return all(sign * (a - b) > 0 for a, b in itertools.pairwise(means))
 
 
-def report_lines(table: dict[str, dict[str, list[float]]], chosen: dict[str, dict], seeds: Sequence[int]) -> list:
-    """report.md: the table (mean ± std [95% CI] over seeds), HSCR − DPO paired, and the verdict in words."""
+def report_lines(table: dict[str, dict[str, list[float]]], chosen: dict[str, dict], seeds: Sequence[int], *,
+                 rows: Sequence[str] = ()) -> list:  # fmt: skip
+    """report.md: the table (mean ± std [95% CI] over seeds), HSCR − DPO paired by seed, then ``rows`` (the
+    differences paired over test rows, ``row_lines``), and the verdict in words."""
     methods = list(next(iter(table.values()), {}))
     lines = ["# HSCR ablation", "",
              f"Test split, read once. {len(seeds)} seeds ({', '.join(map(str, seeds))}); each cell is "
@@ -229,6 +268,7 @@ def report_lines(table: dict[str, dict[str, list[float]]], chosen: dict[str, dic
             diff = paired_difference(row["hscr"], row["dpo"])
             verdict = _interval_words(diff, lower_is_better=metric in LOWER_IS_BETTER)
             lines.append(f"- {metric}: {diff.text()} — {verdict}")
+    lines += rows
     holds = order_holds(table)
     lines += ["", "## The paper's ablation order (closed accuracy)", "",
               {True: "The order HSCR > implicit only > explicit only > base HOLDS on the means.",

@@ -289,6 +289,8 @@ def run_selection(stages: Plan) -> dict[str, dict[str, Any]]:
 def run_ablation_test(cfg: PipelineConfig, stages: Plan, chosen: dict[str, dict], results: dict) -> Path:
     """Ablation, part 2: every method × seed trained with its chosen config (and HSCR round 2), all models
     evaluated once on test, report.md written; returns the report's path."""
+    import pyarrow.parquet as pq
+
     from hscr_platform import ablation
     from hscr_platform.evaluation.job import run as evaluate_run
 
@@ -303,7 +305,9 @@ def run_ablation_test(cfg: PipelineConfig, stages: Plan, chosen: dict[str, dict]
     evaluate = _plan_evaluate(cfg, stages.synthmed_dir, {"base": stages.base_model, **models})
     results["evaluate"] = evaluate_run(evaluate)
     table = ablation.per_method(results["evaluate"]["results"], methods, ab.seeds)
-    lines = ablation.report_lines(table, chosen, ab.seeds)
+    records = pq.read_table(Path(evaluate.output.path) / "predictions.parquet",
+                            columns=["model", "view", "source", "id", "answer_type", "score"]).to_pylist()  # fmt: skip
+    lines = ablation.report_lines(table, chosen, ab.seeds, rows=ablation.row_lines(records, methods, ab.seeds))
     lines += ["", f"- evaluation: {evaluate.output.path}", f"- MLflow: `mlflow ui --backend-store-uri {_uri(cfg)}`"]
     report = Path(cfg.root) / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hscr_platform.ablation import AblationConfig, order_holds, per_method, report_lines, sweep_config
+from hscr_platform.ablation import (
+    AblationConfig,
+    order_holds,
+    per_method,
+    report_lines,
+    row_differences,
+    row_lines,
+    sweep_config,
+)
 from hscr_platform.core.config import ConfigError, load_config
 from hscr_platform.core.runtime import RayConfig
 from hscr_platform.pipeline import PipelineConfig
@@ -84,3 +92,26 @@ def test_ablation_profile_plans_every_sweep_on_validation(tmp_path):
         assert sweep.objective.validation.endswith("validation")
     assert stages.sft.data.eval.endswith("validation")  # the base model's quick check too
     assert stages.generate.data.input.endswith("instruct")
+
+
+def _record(model, row, score, *, answer_type="closed", view="image"):
+    return {"model": model, "view": view, "source": "s", "id": str(row), "answer_type": answer_type, "score": score}
+
+
+def test_differences_paired_over_test_rows_by_hand():
+    # rows 0..3, closed. hscr seeds (1, 1), (1, 0), (0, 0), (1, 1) -> means 1, .5, 0, 1; dpo seeds (1, 0), (0, 0),
+    # (0, 0), (1, 1) -> .5, 0, 0, 1. d = (.5, .5, 0, 0): mean .25, std sqrt(((.25)² · 4) / 3) = .288675,
+    # half 3.182 · .288675 / 2 = .459282 -> [-0.209, 0.709]
+    hscr = {0: (1, 1), 1: (1, 0), 2: (0, 0), 3: (1, 1)}
+    dpo = {0: (1, 0), 1: (0, 0), 2: (0, 0), 3: (1, 1)}
+    records = [_record(f"{name}-s{s}", row, table[row][s]) for name, table in (("hscr", hscr), ("dpo", dpo))
+               for row in table for s in (0, 1)]  # fmt: skip
+    records += [
+        _record("hscr-s0", 9, 1.0),
+        _record("base", 0, 0.0, view="blank"),
+        _record("dpo-s0", 7, 1.0, answer_type="open"),
+    ]
+    assert row_differences(records, ["hscr-s0", "hscr-s1"], ["dpo-s0", "dpo-s1"], "closed") == [0.5, 0.5, 0.0, 0.0]
+    lines = row_lines(records, ["dpo", "hscr"], [0, 1])
+    assert "- hscr − dpo, closed_accuracy (4 rows): 0.250 ± 0.289 [-0.209, 0.709] — CI includes 0" in lines
+    assert not any("hscr − base" in line for line in lines)  # base answered no closed row on the image view
