@@ -248,7 +248,7 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
 
     os.chdir(cwd)
 
-    from hscr_platform.models.answering import evaluate_folder
+    from hscr_platform.models.answering import evaluate_folder_cached
     from hscr_platform.training.job import run as train_run
 
     base = train_config(sweep, params)
@@ -258,8 +258,8 @@ def run_trial(params: dict[str, Any], *, sweep: SweepJobConfig, parent_run_id: s
     output = dataclasses.replace(base.output, root=str(Path(sweep.output_root).resolve()), name=name)
     summary = train_run(dataclasses.replace(base, tracking=tracking, output=output), callbacks=[_tune_callback()])
     obj = sweep.objective
-    report = evaluate_folder(summary["model"], obj.validation, samples=obj.samples,
-                             batch_size=obj.batch_size, max_new_tokens=obj.max_new_tokens)  # fmt: skip
+    report = evaluate_folder_cached(summary["model"], obj.validation, samples=obj.samples,
+                                    batch_size=obj.batch_size, max_new_tokens=obj.max_new_tokens)  # fmt: skip
     score = report["metrics"].get(obj.metric)
     final = {k: v for k, v in summary.get("final", {}).items() if isinstance(v, int | float)}
     tune.report({**final, "val_score": float("nan") if score is None else score, "trial_name": name})

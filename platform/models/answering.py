@@ -12,8 +12,10 @@ optionally a blanked copy of every image for the image-reliance gap).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hscr.metrics import closed_hit, first_yes_no, normalize_answer, open_recall
-from hscr_platform.core.io import iter_rows
+from hscr_platform.core.io import iter_rows, shard_files
 from hscr_platform.models.loading import ModelConfig, generate_answers, load_vlm, open_image
 
 
@@ -108,6 +110,20 @@ def evaluate_folder(
         for r, p in zip(rows[:24], predictions, strict=False)
     ]
     return {"metrics": summarize(rows, predictions), "examples": examples}
+
+
+def evaluate_folder_cached(model_dir: str | Path, data_dir: str | Path, **settings: int) -> dict[str, Any]:
+    """``evaluate_folder``, kept beside the model folder as ``scores-<key>.json`` and reused on a rerun (a sweep
+    restarted over finished trials). The key covers the settings and the data's shard files (name, size,
+    mtime); the file lives in the run's own folder, which is cleared whenever the run is redone."""
+    shards = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in shard_files(data_dir)]
+    text = json.dumps({"data": str(Path(data_dir).resolve()), "shards": shards, **settings}, sort_keys=True)
+    cached = Path(model_dir).parent / f"scores-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if cached.is_file():
+        return dict(json.loads(cached.read_text()))
+    report = evaluate_folder(model_dir, data_dir, **settings)
+    cached.write_text(json.dumps(report, indent=2))
+    return report
 
 
 # --- batch answering in Ray Data actors (the evaluation job) --------------------------------------------
