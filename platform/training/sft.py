@@ -63,6 +63,9 @@ class SftTrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     freeze_vision: bool = True
+    # batches of rows of similar length (less padding: SynthMed's VQA and instruction rows differ ~2x in text);
+    # false: plain random batches
+    group_by_length: bool = True
     seed: int = 0
     log_every: int = 100
 

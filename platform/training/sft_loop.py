@@ -86,6 +86,32 @@ def batch_indices(n: int, batch: int, *, seed: int) -> Iterator[list[int]]:
             yield perm[start : start + batch]
 
 
+def length_grouped_batches(lengths: Sequence[int], batch: int, *, seed: int, pool: int = 64) -> Iterator[list[int]]:
+    """Endless batches of rows of similar length, so that little of a padded batch is padding.
+
+    Each epoch: a seeded permutation (full batches only, as ``batch_indices``), cut into pools of ``pool``
+    batches; each pool is sorted by length and cut into batches; the epoch's batches are then shuffled. Every
+    row is still seen once per epoch, and which rows share a batch stays random beyond their length.
+    """
+    if batch < 1 or pool < 1:
+        raise ValueError("batch and pool must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    n = len(lengths) - len(lengths) % batch
+    while True:
+        perm = torch.randperm(len(lengths), generator=gen).tolist()[:n]
+        batches: list[list[int]] = []
+        for start in range(0, n, pool * batch):
+            chunk = sorted(perm[start : start + pool * batch], key=lambda i: lengths[i])
+            batches += [chunk[j : j + batch] for j in range(0, len(chunk), batch)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            yield batches[b]
+
+
+def text_length(row: dict[str, Any]) -> int:
+    """A row's length for grouping: characters of its question and answer (the image adds the same to all)."""
+    return len(row["question"]) + len(row["answer"])
+
+
 def lr_at(step: int, *, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the base rate."""
     if step < warmup:
@@ -166,7 +192,10 @@ def train_qa(model: Any, processor: Any, rows: list[dict], cfg: Any, ctx: dict) 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, per_worker = [], cfg.batch_size // ctx["world"]
-    batches = batch_indices(len(rows), per_worker, seed=ctx["seed"] + 1)
+    if cfg.group_by_length:
+        batches = length_grouped_batches([text_length(r) for r in rows], per_worker, seed=ctx["seed"] + 1)
+    else:
+        batches = batch_indices(len(rows), per_worker, seed=ctx["seed"] + 1)
     for step in range(cfg.steps):
         batch_rows = [rows[i] for i in next(batches)]
         batch = encode_for_training(
