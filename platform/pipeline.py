@@ -247,9 +247,10 @@ def levels_table(generation: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-ABLATION_HINT = ("- the seeded ablation (plain DPO, explicit only, implicit only, HSCR, HSCR + NLL; chosen on "
-                 "validation, 3 seeds, test read once): `python -m jobs.pipeline --config "
-                 "jobs/configs/pipeline/ablation.yaml` (README: Ablation, for its time)")  # fmt: skip
+ABLATION_HINT = ("- the seeded ablation (plain DPO, explicit only, implicit only, HSCR, HSCR + NLL, HSCR round 2; "
+                 "chosen on validation, 3 seeds, test read once): `python -m jobs.pipeline --config "
+                 "jobs/configs/pipeline/ablation.yaml`, about 2 h 20 min on 2 idle CPUs "
+                 "(README: The ablation)")  # fmt: skip
 
 
 def write_report(cfg: PipelineConfig, stages: Plan, results: dict[str, Any], seconds: float) -> Path:
