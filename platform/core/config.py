@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -196,11 +197,16 @@ def _build_sequence(tp: Any, value: Any, *, key: str, where: str) -> tuple[Any, 
     return tuple(_build(item_tp, v, key=f"{key}[{i}]", where=where) for i, v in enumerate(value))
 
 
+_EXPONENT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _build_scalar(tp: Any, value: Any, *, key: str, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_LITERAL.fullmatch(value):
+        return float(value)  # YAML 1.1 reads "3e-6" (no dot) as a string; it is the number everyone means
     if tp is Path and isinstance(value, str):
         return Path(value)
     if tp is bool and not isinstance(value, bool):

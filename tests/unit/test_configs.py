@@ -46,6 +46,16 @@ def test_file_and_overrides(tmp_path):
     assert isinstance(cfg.inner.lr, float)
 
 
+def test_exponent_literals_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 3e-6 as the string "3e-6"; a float field takes it as the number (file and override alike)
+    assert load_config(Outer, write(tmp_path, "name: x\ninner: {lr: 3e-6}\n")).inner.lr == 3e-6
+    assert load_config(Outer, write(tmp_path, "name: x\n"), ["inner.lr=1E5"]).inner.lr == 1e5
+    with pytest.raises(ConfigError, match=r"'inner\.lr' must be of type float"):
+        load_config(Outer, write(tmp_path, "name: x\n"), ["inner.lr=3e-6x"])
+    with pytest.raises(ConfigError, match="'name' must be of type str"):  # only float fields convert
+        load_config(Outer, write(tmp_path, "name: 3\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
