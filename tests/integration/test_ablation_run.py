@@ -47,6 +47,8 @@ def test_tiny_ablation_selects_on_validation_and_reports_over_seeds(tmp_path, mo
     text = report.read_text()
     assert "## HSCR − plain DPO (paired by seed)" in text and "- closed_accuracy:" in text
     assert "one seed: no interval" in text
+    assert "## Differences paired over test rows" in text and "- hscr − dpo, closed_accuracy (" in text
+    assert "- hscr_r2 − hscr, closed_accuracy (" in text
     assert "Not every method of the order was run." in text  # explicit / implicit were left out here
     round_two = sorted((tmp_path / "ab" / "ablation" / "round2").iterdir())
     assert len(round_two) == 1 and all((r / "preferences").is_dir() for r in round_two)
