@@ -234,7 +234,7 @@ def row_lines(records: Sequence[dict], methods: Sequence[str], seeds: Sequence[i
             diffs = row_differences(records, models(a), models(b), answer_type)
             if len(diffs) > 1:
                 diff = estimate(diffs)
-                words = _interval_words(diff, lower_is_better=False).replace("HSCR", a)
+                words = _interval_words(diff, lower_is_better=False, name=a)
                 lines.append(f"- {a} − {b}, {metric} ({len(diffs)} rows): {diff.text()} — {words}")
     return lines
 
@@ -280,9 +280,11 @@ def report_lines(table: dict[str, dict[str, list[float]]], chosen: dict[str, dic
     return lines
 
 
-def _interval_words(diff: Any, *, lower_is_better: bool) -> str:
+def _interval_words(diff: Any, *, lower_is_better: bool, name: str = "HSCR") -> str:
     if diff.low is None:
         return "one seed: no interval"
     better = diff.high < 0 if lower_is_better else diff.low > 0
     worse = diff.low > 0 if lower_is_better else diff.high < 0
-    return "HSCR better (CI excludes 0)" if better else ("HSCR worse (CI excludes 0)" if worse else "CI includes 0")
+    if better or worse:
+        return f"{name} {'better' if better else 'worse'} (CI excludes 0)"
+    return "CI includes 0"
