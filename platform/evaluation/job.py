@@ -208,7 +208,8 @@ def read_shards(items: pa.Table, *, keys: frozenset[tuple[str, str]] | None, vie
     views. Used instead of ``ray.data.read_parquet``, whose file-listing step reserves a whole CPU: with the
     answering actors holding most of a 2-CPU machine it never gets one and the job hangs."""
     tables = [pq.read_table(f, columns=INPUT_COLUMNS) for f in items.column("file").to_pylist()]
-    return expand_views(pa.concat_tables(tables), keys=keys, views=views)
+    batch = expand_views(pa.concat_tables(tables), keys=keys, views=views)
+    return batch.sort_by("question")  # answered in question order (answering.question_order's reason)
 
 
 def answer_spec(cfg: EvaluateJobConfig, model_dir: str) -> AnswerSpec:

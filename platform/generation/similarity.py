@@ -144,15 +144,22 @@ class EmbeddingSimilarity:
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """(C, D) unit-norm sentence embeddings, batched."""
-        return torch.cat(
-            [self._embed_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        )
+        """(C, D) unit-norm sentence embeddings in ``texts`` order, batched shortest first: a batch pads to its
+        longest text, so texts of like length share a batch (the attention mask keeps padding out of the
+        result)."""
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        ids = encoded["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        out: torch.Tensor | None = None
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            emb = self._embed_batch([{key: encoded[key][i] for key in encoded} for i in idx])
+            out = torch.empty(len(texts), emb.shape[1]) if out is None else out
+            out[idx] = emb
+        return out if out is not None else torch.empty(0, 0)
 
-    def _embed_batch(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+    def _embed_batch(self, encoded: list[dict[str, list[int]]]) -> torch.Tensor:
+        batch = self.tokenizer.pad(encoded, padding=True, return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state  # (C, L, D)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (C, L, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (C, D)

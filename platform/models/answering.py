@@ -31,15 +31,24 @@ from hscr_platform.core.io import iter_rows, shard_files
 from hscr_platform.models.loading import ModelConfig, generate_answers, load_vlm, open_image
 
 
+def question_order(questions: Sequence[str]) -> list[int]:
+    """Row indices sorted by question text (stable): a batch decodes until its longest answer ends, so rows that
+    ask the same thing ("is there a nodule?", "describe the image.") answer together and a batch of yes/no
+    questions stops after a few tokens instead of waiting for a report. Greedy answers do not depend on it."""
+    return sorted(range(len(questions)), key=lambda i: questions[i])
+
+
 def answer_rows(model: Any, processor: Any, rows: Sequence[dict], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """The model's greedy answer to every row (image bytes + question), batched, with a progress bar."""
-    answers: list[str] = []
+    """The model's greedy answer to every row (image bytes + question), in row order; batched in question order
+    (``question_order``), with a progress bar."""
+    order = question_order([r["question"] for r in rows])
+    answers: list[str] = [""] * len(rows)
     for start in tqdm(range(0, len(rows), batch_size), desc="answering", unit="batch", leave=False):
-        chunk = rows[start : start + batch_size]
+        chunk = [rows[i] for i in order[start : start + batch_size]]
         images = [open_image(r["image"]) for r in chunk]
-        answers += generate_answers(
-            model, processor, images, [r["question"] for r in chunk], max_new_tokens=max_new_tokens
-        )
+        got = generate_answers(model, processor, images, [r["question"] for r in chunk], max_new_tokens=max_new_tokens)
+        for i, answer in zip(order[start : start + batch_size], got, strict=True):
+            answers[i] = answer
     return answers
 
 

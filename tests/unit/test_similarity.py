@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
+import torch
 
 from hscr_platform.generation.similarity import (
     EmbeddingSimilarity,
@@ -92,6 +93,25 @@ def test_embeddings_are_unit_mean_pooled(embedding):
     emb = embedding.embed(["a", "a much longer sentence about a scan of the chest"])
     assert emb.shape == (2, 384)
     assert emb.norm(dim=-1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_embeddings_batched_by_length_keep_input_order(embedding, monkeypatch):
+    texts = ["a much longer sentence about a scan of the chest", "yes", "a nodule on the left", "no", "ct"]
+    alone = torch.cat([embedding.embed([t]) for t in texts])  # one text per forward: no padding at all
+    lengths = []  # the token lengths in each padded batch
+    pad = embedding.tokenizer.pad
+    monkeypatch.setattr(embedding, "batch_size", 2)
+
+    def recording_pad(encoded, **kwargs):
+        lengths.append([len(e["input_ids"]) for e in encoded])
+        return pad(encoded, **kwargs)
+
+    monkeypatch.setattr(embedding.tokenizer, "pad", recording_pad)
+    batched = embedding.embed(texts)
+    assert torch.allclose(batched, alone, atol=1e-5)  # row i is texts[i]'s embedding
+    every = [len(ids) for ids in embedding.tokenizer(texts)["input_ids"]]
+    assert [len(b) for b in lengths] == [2, 2, 1] and [n for b in lengths for n in b] == sorted(every)  # shortest first
+    assert lengths[-1] == [max(every)]  # only the long sentence's batch pads to its length
 
 
 def test_content_similarity_grades_changed_findings():
