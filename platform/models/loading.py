@@ -150,21 +150,27 @@ def encode_for_training(
 ) -> dict[str, torch.Tensor]:
     """Right-padded inputs with ``labels`` = token ids on the answer (and end-of-turn) only.
 
-    The prompt length is measured by encoding the prompt alone; chat templates put the answer after the
-    prompt, so the prompt's ids are a prefix of the conversation's ids (checked, not assumed).
+    The images go through the processor once. How many tokens the answer has is measured on the text alone:
+    chat templates put the answer after the prompt, so the prompt's ids are a prefix of the conversation's ids
+    and the answer is the rest (checked, not assumed), and the image tokens the processor expands all sit in
+    the prompt. The labels are then the last that-many real tokens of each row (checked against the ids).
     """
     tok = processor.tokenizer
     tok.padding_side = "right"
     full = [conversation_text(processor, q, a) for q, a in zip(questions, answers, strict=True)]
     batch = processor(images=list(images), text=full, return_tensors="pt", padding=True)
-    prompts = processor(images=list(images), text=[prompt_text(processor, q) for q in questions])
-    labels = batch["input_ids"].clone()  # (B, T)
-    for i, prompt_ids in enumerate(prompts["input_ids"]):
-        n = len(prompt_ids)
-        if batch["input_ids"][i, :n].tolist() != list(prompt_ids):
+    texts = tok(full, add_special_tokens=False)["input_ids"]
+    prompts = tok([prompt_text(processor, q) for q in questions], add_special_tokens=False)["input_ids"]
+    ids, ends = batch["input_ids"], batch["attention_mask"].sum(-1).tolist()
+    labels = torch.full_like(ids, IGNORE_INDEX)  # (B, T)
+    for i, (text_ids, prompt_ids) in enumerate(zip(texts, prompts, strict=True)):
+        answer = text_ids[len(prompt_ids) :]
+        if text_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError(f"chat template: the prompt of row {i} is not a prefix of its conversation")
-        labels[i, :n] = IGNORE_INDEX
-    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        end = int(ends[i])
+        if ids[i, end - len(answer) : end].tolist() != answer:
+            raise ValueError(f"row {i}: the processor's ids do not end with the answer's ids")
+        labels[i, end - len(answer) : end] = ids[i, end - len(answer) : end]
     batch["labels"] = labels
     return dict(batch)
 
