@@ -32,7 +32,7 @@ from hscr_platform.core.runtime import RayConfig, init_ray
 from hscr_platform.core.tracking import TrackingConfig
 from hscr_platform.evaluation.metrics import ClosedMatch, model_metrics, reliance_gap, row_records
 from hscr_platform.evaluation.report import flat_metrics, markdown_report, write_report
-from hscr_platform.models.answering import VIEWS, AnswerActor, AnswerSpec, engines_vllm_module
+from hscr_platform.models.answering import VIEWS, AnswerActor, AnswerSpec, engines_vllm_module, question_order
 from hscr_platform.models.loading import check_vlm_folder
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a table column, a metric prefix, a file-safe name
@@ -209,7 +209,7 @@ def read_shards(items: pa.Table, *, keys: frozenset[tuple[str, str]] | None, vie
     answering actors holding most of a 2-CPU machine it never gets one and the job hangs."""
     tables = [pq.read_table(f, columns=INPUT_COLUMNS) for f in items.column("file").to_pylist()]
     batch = expand_views(pa.concat_tables(tables), keys=keys, views=views)
-    return batch.sort_by("question")  # answered in question order (answering.question_order's reason)
+    return batch.take(question_order(batch.column("question").to_pylist()))  # yes/no batches stop early
 
 
 def answer_spec(cfg: EvaluateJobConfig, model_dir: str) -> AnswerSpec:
