@@ -148,15 +148,14 @@ class EmbeddingSimilarity:
         longest text, so texts of like length share a batch (the attention mask keeps padding out of the
         result)."""
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        ids = encoded["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-        out: torch.Tensor | None = None
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            emb = self._embed_batch([{key: encoded[key][i] for key in encoded} for i in idx])
-            out = torch.empty(len(texts), emb.shape[1]) if out is None else out
-            out[idx] = emb
-        return out if out is not None else torch.empty(0, 0)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+        rows = [{key: encoded[key][i] for key in encoded} for i in order]
+        sorted_emb = torch.cat(
+            [self._embed_batch(rows[k : k + self.batch_size]) for k in range(0, len(rows), self.batch_size)]
+        )
+        out = torch.empty_like(sorted_emb)
+        out[order] = sorted_emb  # back to the order of ``texts``
+        return out
 
     def _embed_batch(self, encoded: list[dict[str, list[int]]]) -> torch.Tensor:
         batch = self.tokenizer.pad(encoded, padding=True, return_tensors="pt").to(self.device)
